@@ -1,0 +1,1 @@
+"""Stage 1: data I/O, COCO conversion, Detectron2 registration, phantom and volume import."""

@@ -1,0 +1,41 @@
+"""d2ct: install with `python3 -m d2ct.installer` (or `make setup`), which pins every version
+and installs Detectron2 from PyPI; a plain `pip install .` expects Detectron2 to be present."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+version = {}
+exec((ROOT / "d2ct" / "__init__.py").read_text().split('"""', 2)[-1], version)
+
+setup(
+    name="d2ct",
+    version=version["__version__"],
+    description="Class-agnostic CT structure segmentation with Detectron2 Mask R-CNN and pseudo-labelling",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=("d2ct", "d2ct.*")),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "numpy>=1.24",
+        "pillow",
+        "pycocotools>=2.0.6",
+        "opencv-python-headless",
+        "pandas",
+        "pyarrow",
+        "scipy",
+        "scikit-image",
+        "scikit-learn",
+        "nibabel",
+        "pydicom>=2.4",
+        "matplotlib",
+        "tqdm",
+        "tensorboard",
+        "psutil",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
+)
