@@ -15,3 +15,10 @@ here before anything else exists). Stages live in sub-packages:
 """
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# Detectron2 0.6 triggers these on import with today's PyTorch and setuptools; they are harmless
+# and would otherwise open every command's output.
+_warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+_warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)

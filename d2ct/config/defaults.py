@@ -1,0 +1,48 @@
+"""The ``D2CT.*`` config keys, added to a Detectron2 config as PointRend's ``add_pointrend_config`` does."""
+from detectron2.config import CfgNode as CN
+
+
+def add_d2ct_config(cfg: CN) -> CN:
+    """Add d2ct's keys (with their defaults) to a Detectron2 config, in place; returns it."""
+    _C = cfg
+    _C.D2CT = CN()
+
+    # Data: one data set folder in the challenge layout is registered under DATA_NAME, giving
+    # <DATA_NAME>_train / _val / _labelled / _unlabelled / _test for DATASETS.TRAIN and TEST.
+    _C.D2CT.DATA_NAME = "phantom"
+    _C.D2CT.DATA_ROOT = "datasets/phantom"
+    _C.D2CT.VAL_FRACTION = 0.2  # seeded split of the labelled images into train / val
+    _C.D2CT.SPLIT_SEED = 0
+    _C.D2CT.SPLIT_COMPONENTS = False  # one instance per connected component instead of per label
+    _C.D2CT.MIN_AREA = 0  # instances below this many pixels are dropped from training data
+    # Pseudo-labelled sets (COCO JSON written by tools/pseudolabel.py), registered as
+    # <DATA_NAME>_pseudo, <DATA_NAME>_pseudo1, ... in the order given.
+    _C.D2CT.PSEUDO_LABELS = []
+
+    # Augmentation suited to CT slices. Intensity jitter is limited to +-10% (it would change what
+    # a grey level means in HU) unless UNRESTRICTED_INTENSITY is set.
+    _C.D2CT.AUGMENT = CN()
+    _C.D2CT.AUGMENT.ENABLED = True
+    _C.D2CT.AUGMENT.HFLIP = True  # left/right flip: anatomy is roughly symmetric
+    _C.D2CT.AUGMENT.VFLIP = False  # anterior/posterior flip: off, anatomy is not symmetric that way
+    _C.D2CT.AUGMENT.ROTATION = 10.0  # degrees, uniform in [-ROTATION, ROTATION]; 0 disables
+    _C.D2CT.AUGMENT.BRIGHTNESS = [0.95, 1.05]  # multiplicative, [1, 1] disables
+    _C.D2CT.AUGMENT.CONTRAST = [0.95, 1.05]
+    _C.D2CT.AUGMENT.UNRESTRICTED_INTENSITY = False
+
+    # Turning instances into one label map per slice (evaluation, prediction, submission).
+    _C.D2CT.POSTPROCESS = CN()
+    _C.D2CT.POSTPROCESS.SCORE_THRESHOLD = 0.5
+    _C.D2CT.POSTPROCESS.MIN_AREA = 5
+    _C.D2CT.POSTPROCESS.FALLBACK_TOP_K = 3  # never leave a slice empty when the model saw something
+
+    # Validation during training: the best checkpoint by this metric becomes model_best.pth with
+    # its scores in model_best.json (read by the pseudo-labelling stage to weigh the radiologists).
+    _C.D2CT.BEST_METRIC = "segm/AP"
+    _C.D2CT.CURVES = True  # training_curves.png at the end of training
+    _C.D2CT.ROLE = ""  # free text shown in logs and reports ("quick", "balanced", "detail", "final")
+
+    # Use ImageNet-pretrained backbones when MODEL.WEIGHTS names them; stop with a clear message
+    # when they cannot be fetched (see d2ct.engine.weights).
+    _C.D2CT.CHECK_WEIGHTS = True
+    return cfg

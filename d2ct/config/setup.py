@@ -1,0 +1,53 @@
+"""Build a d2ct config from a YAML file and ``KEY VALUE`` overrides."""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+
+from d2ct.errors import ConfigError
+
+from .defaults import add_d2ct_config
+
+logger = logging.getLogger(__name__)
+
+
+def get_d2ct_cfg() -> CfgNode:
+    """Detectron2's defaults plus the D2CT keys."""
+    return add_d2ct_config(get_cfg())
+
+
+def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, freeze: bool = True) -> CfgNode:
+    """Merge ``config_file`` and ``opts`` into the d2ct defaults and adapt to this host.
+
+    A config that asks for CUDA on a host without a GPU runs on the CPU (logged), and mixed
+    precision, which Detectron2 supports on CUDA only, is switched off there.
+    """
+    cfg = get_d2ct_cfg()
+    if config_file:
+        try:
+            cfg.merge_from_file(config_file)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {config_file}") from e
+        except KeyError as e:
+            raise ConfigError(f"{config_file}: unknown config key {e}") from e
+    if opts:
+        if len(opts) % 2:
+            raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
+        try:
+            cfg.merge_from_list(list(opts))
+        except (KeyError, AssertionError, ValueError) as e:
+            raise ConfigError(f"bad override {list(opts)}: {e}") from e
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE=%s but no CUDA GPU is available: running on the CPU", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        logger.warning("SOLVER.AMP.ENABLED needs CUDA: mixed precision is off on the CPU")
+        cfg.SOLVER.AMP.ENABLED = False
+    if cfg.D2CT.BEST_METRIC and "/" not in cfg.D2CT.BEST_METRIC:
+        raise ConfigError(f"D2CT.BEST_METRIC must look like 'segm/AP' or 'ct/ARI', got {cfg.D2CT.BEST_METRIC!r}")
+    if freeze:
+        cfg.freeze()
+    return cfg

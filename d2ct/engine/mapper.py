@@ -1,0 +1,110 @@
+"""Dataset mapper for CT slices: grayscale reading, CT-suited augmentation, RLE masks.
+
+Slices are single-channel; Mask R-CNN backbones (and their ImageNet weights) take three
+channels, so the grey level is replicated into all three and the config's PIXEL_MEAN/STD
+use one value for all channels. Replicating costs nothing at the first convolution and keeps
+the standard pretrained weights usable unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from d2ct.data.images import read_slice
+from d2ct.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Intensity jitter beyond this changes what a grey level means in HU: it needs an explicit flag.
+MAX_SAFE_INTENSITY_JITTER = 0.10
+
+
+def slice_to_uint8(image: np.ndarray, level: float = 40.0, width: float = 400.0, offset: float = 1024.0) -> np.ndarray:
+    """Bring a slice to the uint8 display range the models are trained on.
+
+    uint8 slices (the challenge format: already windowed) pass through. uint16 slices are read
+    as stored CT values, HU + ``offset`` (the usual unsigned storage), and windowed to
+    [level - width/2, level + width/2] like the challenge images.
+    """
+    if image.dtype == np.uint8:
+        return image
+    hu = image.astype(np.float32) - offset
+    low = level - width / 2.0
+    return np.clip((hu - low) * (255.0 / width), 0, 255).round().astype(np.uint8)
+
+
+def read_model_image(path: str) -> np.ndarray:
+    """(H, W, 3) uint8: the slice's grey level replicated into three channels."""
+    gray = slice_to_uint8(read_slice(path))
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def build_ct_augmentation(cfg, is_train: bool) -> list:
+    """Resize (scale jitter through INPUT.MIN_SIZE_TRAIN), flips, small rotations, mild intensity jitter."""
+    augs = utils.build_augmentation(cfg, is_train)  # ResizeShortestEdge (+ RandomFlip per INPUT.RANDOM_FLIP)
+    augs = [a for a in augs if not isinstance(a, T.RandomFlip)]  # flips come from D2CT.AUGMENT
+    aug_cfg = cfg.D2CT.AUGMENT
+    if not is_train or not aug_cfg.ENABLED:
+        return augs
+    for name in ("BRIGHTNESS", "CONTRAST"):
+        low, high = aug_cfg[name]
+        if low > high or low <= 0:
+            raise ConfigError(f"D2CT.AUGMENT.{name} must be [low, high] with 0 < low <= high, got {[low, high]}")
+        if max(1 - low, high - 1) > MAX_SAFE_INTENSITY_JITTER + 1e-9 and not aug_cfg.UNRESTRICTED_INTENSITY:
+            raise ConfigError(
+                f"D2CT.AUGMENT.{name}={[low, high]} jitters intensities by more than "
+                f"{MAX_SAFE_INTENSITY_JITTER:.0%}, which changes the HU meaning of grey levels; "
+                "set D2CT.AUGMENT.UNRESTRICTED_INTENSITY True if that is intended"
+            )
+    if aug_cfg.HFLIP:
+        augs.append(T.RandomFlip(horizontal=True, vertical=False))
+    if aug_cfg.VFLIP:
+        augs.append(T.RandomFlip(horizontal=False, vertical=True))
+    if aug_cfg.ROTATION > 0:
+        augs.append(T.RandomRotation([-aug_cfg.ROTATION, aug_cfg.ROTATION], expand=False, sample_style="range"))
+    if tuple(aug_cfg.BRIGHTNESS) != (1.0, 1.0):
+        augs.append(T.RandomBrightness(*aug_cfg.BRIGHTNESS))
+    if tuple(aug_cfg.CONTRAST) != (1.0, 1.0):
+        augs.append(T.RandomContrast(*aug_cfg.CONTRAST))
+    return augs
+
+
+class CTDatasetMapper(DatasetMapper):
+    """Detectron2's DatasetMapper with grayscale CT reading and CT augmentation.
+
+    Boxes are recomputed from the transformed masks during training: after a rotation the
+    transformed box would no longer be tight.
+    """
+
+    @configurable
+    def __init__(self, is_train: bool = True, **kwargs):
+        super().__init__(is_train, **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        ret["augmentations"] = build_ct_augmentation(cfg, is_train)
+        ret["recompute_boxes"] = bool(is_train and cfg.MODEL.MASK_ON)
+        return ret
+
+    def __call__(self, dataset_dict):
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = read_model_image(dataset_dict["file_name"])
+        utils.check_image_size(dataset_dict, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            return dataset_dict
+        if "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image.shape[:2])
+        return dataset_dict

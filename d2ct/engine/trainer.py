@@ -1,0 +1,127 @@
+"""Trainer: Detectron2's DefaultTrainer with CT data, d2ct evaluation and resumable best checkpoints."""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from d2ct.evaluation.evaluator import CTSegmentationEvaluator
+from d2ct.visualization.curves import plot_training_curves
+
+from .checkpoint import AtomicCheckpointer, BestCheckpointer
+from .mapper import CTDatasetMapper
+
+logger = logging.getLogger(__name__)
+
+
+def wrap_ddp(model, device: str):
+    """DistributedDataParallel when there are several processes; CPU modules take no device_ids."""
+    if comm.get_world_size() == 1:
+        return model
+    if device.startswith("cuda"):
+        return create_ddp_model(model, broadcast_buffers=False)
+    return create_ddp_model(model, broadcast_buffers=False, device_ids=None)
+
+
+class TrainingCurves(hooks.HookBase):
+    """Writes training_curves.png from metrics.json after training (and at each evaluation)."""
+
+    def __init__(self, output_dir: str, eval_period: int, title: str = ""):
+        self._output_dir = output_dir
+        self._period = eval_period
+        self._title = title
+
+    def _plot(self):
+        metrics = os.path.join(self._output_dir, "metrics.json")
+        if os.path.exists(metrics):
+            try:
+                plot_training_curves(metrics, os.path.join(self._output_dir, "training_curves.png"), self._title)
+            except Exception as e:  # a plot must never stop training
+                logger.warning("Could not plot training curves: %s", e)
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if self._period > 0 and next_iter % self._period == 0 and next_iter != self.trainer.max_iter:
+            self._plot()
+
+    def after_train(self):
+        self._plot()
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer for d2ct.
+
+    Differences from Detectron2's: CT dataset mapper; CTSegmentationEvaluator (mask AP, ARI,
+    Dice); checkpoints written atomically; the best checkpoint by D2CT.BEST_METRIC kept as
+    model_best.pth with its scores in model_best.json; training curves as a PNG; and
+    DistributedDataParallel on CPU processes (gloo) as well as GPUs.
+    """
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = wrap_ddp(model, cfg.MODEL.DEVICE)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=CTDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=CTDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        post = cfg.D2CT.POSTPROCESS
+        return CTSegmentationEvaluator(
+            dataset_name,
+            output_dir=output_folder,
+            score_threshold=post.SCORE_THRESHOLD,
+            min_area=post.MIN_AREA,
+            fallback_top_k=post.FALLBACK_TOP_K,
+        )
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        cfg = self.cfg
+        if comm.is_main_process():
+            # After the EvalHook (which stores the scores), before the PeriodicWriter.
+            eval_index = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+            extra = {"role": cfg.D2CT.ROLE, "datasets_test": list(cfg.DATASETS.TEST)}
+            if cfg.DATASETS.TEST and cfg.D2CT.BEST_METRIC:
+                ret.insert(eval_index + 1, BestCheckpointer(
+                    cfg.TEST.EVAL_PERIOD, self.checkpointer, cfg.D2CT.BEST_METRIC, cfg.OUTPUT_DIR, extra=extra))
+            if cfg.D2CT.CURVES:
+                ret.append(TrainingCurves(cfg.OUTPUT_DIR, cfg.TEST.EVAL_PERIOD, title=cfg.D2CT.ROLE or cfg.OUTPUT_DIR))
+        return ret
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if resume and self.start_iter > 0:
+            logger.info("Resumed from %s at iteration %d of %d",
+                        self.checkpointer.get_checkpoint_file(), self.start_iter, self.max_iter)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        with torch.no_grad():
+            return super().test(cfg, model, evaluators)

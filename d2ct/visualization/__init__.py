@@ -1,0 +1,1 @@
+"""Pictures people check: overlays, grids, training curves."""
