@@ -249,6 +249,8 @@ def dataset_dicts(
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
     workers = min(workers, max(1, len(items)))
+    if mp.current_process().daemon:  # daemonic processes (e.g. DataLoader workers) cannot have children
+        workers = 1
 
     bar = None
     if progress:
@@ -408,7 +410,7 @@ def load_coco_dicts(path: str | os.PathLike, image_root: str | os.PathLike | Non
             raise DataError(f"{path}: duplicate image id {image_id}")
         full = Path(file_name)
         if not full.is_absolute():
-            full = root / full
+            full = Path(os.path.normpath(root / full))
         records[image_id] = {
             "file_name": str(full),
             "height": height,

@@ -33,15 +33,34 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _masks_array(masks: Any, shape: tuple[int, int] | None) -> np.ndarray:
-    """(N, H, W) bool array, or an (H, W, N) Fortran bool array transposed to (N, H, W) (a view)."""
-    if hasattr(masks, "tensor") and not hasattr(masks, "detach"):  # detectron2 BitMasks
-        masks = masks.tensor
-    if isinstance(masks, (list, tuple)) and (len(masks) == 0 or isinstance(masks[0], dict)):
-        if len(masks) == 0:
+class _MaskSource:
+    """Per-instance access to the masks, cropped to each mask's bounding box: the flattening loop
+    then touches only the pixels near each instance instead of whole images."""
+
+    def __init__(self, masks: Any, shape: tuple[int, int] | None):
+        self.rles: list[dict] | None = None
+        self.arr: np.ndarray | None = None
+        if hasattr(masks, "tensor") and not hasattr(masks, "detach"):  # detectron2 BitMasks
+            masks = masks.tensor
+        if isinstance(masks, (list, tuple)) and (len(masks) == 0 or isinstance(masks[0], dict)):
+            self._init_rles(list(masks), shape)
+            return
+        arr = _to_numpy(masks)
+        if arr.ndim != 3:
+            raise DataError(f"instances_to_label_map: masks must be (N, H, W), got shape {arr.shape}")
+        if shape is not None and tuple(arr.shape[1:]) != tuple(shape):
+            raise DataError(f"instances_to_label_map: masks are {arr.shape[1:]} but shape={tuple(shape)}")
+        if arr.dtype != bool:
+            arr = arr >= 0.5 if arr.dtype.kind == "f" else arr != 0  # float: soft masks (probabilities)
+        self.arr = arr
+        self.n, self.shape = arr.shape[0], (int(arr.shape[1]), int(arr.shape[2]))
+
+    def _init_rles(self, masks: list, shape) -> None:
+        if not masks:
             if shape is None:
                 raise DataError("instances_to_label_map: no masks and no shape= to size the label map")
-            return np.zeros((0, *shape), dtype=bool)
+            self.rles, self.n, self.shape = [], 0, (int(shape[0]), int(shape[1]))
+            return
         rles = []
         for i, rle in enumerate(masks):
             if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
@@ -57,20 +76,28 @@ def _masks_array(masks: Any, shape: tuple[int, int] | None) -> np.ndarray:
         size = sizes.pop()
         if shape is not None and tuple(shape) != size:
             raise DataError(f"instances_to_label_map: RLE size {size} differs from shape={tuple(shape)}")
+        self.rles, self.n, self.shape = rles, len(rles), size
+        self.boxes = mask_util.toBbox(rles).astype(np.int64)  # x, y, w, h
+
+    def crop(self, i: int):
+        """(box slices, bool mask inside the box) of instance i, or None when it is empty."""
+        if self.arr is not None:
+            m = self.arr[i]
+            rows = np.flatnonzero(m.any(axis=1))
+            if rows.size == 0:
+                return None
+            r0, r1 = rows[0], rows[-1] + 1
+            cols = np.flatnonzero(m[r0:r1].any(axis=0))
+            box = (slice(r0, r1), slice(cols[0], cols[-1] + 1))
+            return box, m[box]
+        x, y, w, h = self.boxes[i]
+        if w == 0 or h == 0:
+            return None
         with warnings.catch_warnings():  # pycocotools' Cython __array__ predates numpy 2's copy keyword
             warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
-            decoded = mask_util.decode(rles)  # (H, W, N) Fortran
-        return decoded.transpose(2, 0, 1).view(bool)
-    arr = _to_numpy(masks)
-    if arr.ndim != 3:
-        raise DataError(f"instances_to_label_map: masks must be (N, H, W), got shape {arr.shape}")
-    if shape is not None and tuple(arr.shape[1:]) != tuple(shape):
-        raise DataError(f"instances_to_label_map: masks are {arr.shape[1:]} but shape={tuple(shape)}")
-    if arr.dtype == bool:
-        return arr
-    if arr.dtype.kind == "f":  # soft masks (probabilities)
-        return arr >= 0.5
-    return arr != 0
+            m = mask_util.decode(self.rles[i])
+        box = (slice(y, y + h), slice(x, x + w))
+        return box, m[box].view(bool)
 
 
 def instances_to_label_map(
@@ -95,9 +122,9 @@ def instances_to_label_map(
     below ``score_threshold`` are dropped, except that when none passes and ``fallback_top_k`` > 0 the
     ``fallback_top_k`` best are used. Without ``labels``, at most 255 instances get an id: the rest
     (the lowest scored) are dropped with a warning."""
-    arr = _masks_array(masks, shape)
-    n, height, width = arr.shape
-    out = np.zeros((height, width), dtype=np.uint8)
+    source = _MaskSource(masks, shape)
+    n = source.n
+    out = np.zeros(source.shape, dtype=np.uint8)
 
     if scores is None:
         score_arr = None
@@ -126,11 +153,15 @@ def instances_to_label_map(
             passing = order[: int(fallback_top_k)]
         order = passing
 
-    free = np.ones((height, width), dtype=bool)
+    free = np.ones(source.shape, dtype=bool)
     next_id = 0
     dropped = 0
     for i in order.tolist():
-        claim = arr[i] & free
+        cropped = source.crop(i)
+        if cropped is None:
+            continue
+        box, m = cropped
+        claim = m & free[box]
         area = int(np.count_nonzero(claim))
         if area == 0 or area < min_area:
             continue
@@ -139,10 +170,11 @@ def instances_to_label_map(
                 dropped += 1
                 continue
             next_id += 1
-            out[claim] = next_id
+            value = next_id
         else:
-            out[claim] = label_arr[i]
-        free &= ~claim
+            value = label_arr[i]
+        out[box][claim] = value
+        free[box][claim] = False
     if dropped:
         logger.warning(
             "instances_to_label_map: %d instances kept, %d more dropped (a uint8 label map holds 255 ids)",
