@@ -216,86 +216,118 @@ class _Block:
         self.values = values  # uint8 (rows, n_fields - 1)
 
 
+_NL_FLAG = np.uint16(0x8000)  # marks the separator that is a newline
+_EMPTY_FLAG = np.uint16(0x4000)  # marks a separator with no digit before it (empty / non-numeric field)
+_FIRST_WIN = _MAX_FIRST + 1
+
+
+def _first_commas(b: np.ndarray, starts: np.ndarray) -> np.ndarray | None:
+    """Position of the first comma of every line (within _MAX_FIRST bytes of its start), or None."""
+    n = b.size
+    win = starts[:, None] + np.arange(_FIRST_WIN)
+    np.minimum(win, n - 1, out=win)
+    is_comma = b[win] == 44
+    first = is_comma.argmax(axis=1)
+    if not is_comma[np.arange(starts.size), first].all():
+        return None
+    return starts + first
+
+
 def _parse_fast(bp: np.ndarray, n_fields: int, numeric_first: bool) -> _Block | None:
     """Vectorised parse of ``bp[_PAD:]`` (complete lines of ``n_fields`` comma-separated fields,
     data fields being 1-3 decimal digits). Returns None if anything is unusual: the caller then
-    uses the exact (slow) parser, which also produces the error message."""
+    uses the exact (slow) parser, which also produces the error message.
+
+    The separator positions are found once (``flatnonzero``); the 1-3 bytes before each are
+    gathered (``take``) and checked: every data field must be 1-3 digits preceded by a comma,
+    every line must end with its ``n_fields``-th separator. Boolean compaction is avoided (it is
+    several times slower than ``flatnonzero`` + ``take``)."""
+    n = bp.size - _PAD
     b = bp[_PAD:]
-    n = b.size
-    if n == 0:
-        return _Block(np.zeros(0, np.int64) if numeric_first else [], np.zeros((0, n_fields - 1), np.uint8))
-    is_nl = b == 10
-    nl = np.flatnonzero(is_nl)
-    rows = nl.size
-    is_sep = b == 44
-    is_sep |= is_nl
-    del is_nl
-    if int(np.count_nonzero(is_sep)) != rows * n_fields:
-        return None
     m = n_fields - 1
-    # the last 1, 2, 3 bytes before every separator; data fields hold 1..3 digits
-    p1 = bp[_PAD - 1:_PAD - 1 + n][is_sep].reshape(rows, n_fields)
-    d1 = p1[:, 1:] - np.uint8(48)
+    if n == 0:
+        return _Block(np.zeros(0, np.int64) if numeric_first else [], np.zeros((0, m), np.uint8))
+    if numeric_first:
+        # digits are >= 48 and every byte below 48 is taken as a separator; a stray one ('.',
+        # '-', ' ', '\r', '"') breaks the "comma before each data field" check below
+        is_sep = b < 48
+    else:
+        is_sep = b == 44
+        is_sep |= b == 10
+    idx = np.flatnonzero(is_sep)
+    del is_sep
+    if idx.size == 0 or idx.size % n_fields:
+        return None
+    rows = idx.size // n_fields
+    idx2 = idx.reshape(rows, n_fields)
+    ends = idx2[:, -1]
+    if not (b.take(ends) == 10).all() or ends[-1] != n - 1:
+        return None
+    # contiguous takes (about 3x faster than taking with the 2-D data-column view), column 0 dropped
+    g1 = bp[_PAD - 1:].take(idx)  # last byte of each field
+    g1 -= np.uint8(48)
+    d1 = g1.reshape(rows, n_fields)[:, 1:]
     if int(d1.max(initial=0)) > 9:
         return None  # an empty field or a non-digit
-    p2 = bp[_PAD - 2:_PAD - 2 + n][is_sep].reshape(rows, n_fields)
-    d2 = p2[:, 1:] - np.uint8(48)
-    has2 = d2 < 10
-    len_sum = np.count_nonzero(has2, axis=1)
-    if len_sum.any():
-        p3 = bp[_PAD - 3:_PAD - 3 + n][is_sep].reshape(rows, n_fields)
-        d3 = p3[:, 1:] - np.uint8(48)
+    g2 = bp[_PAD - 2:].take(idx).reshape(rows, n_fields)[:, 1:]
+    comma2 = g2 == 44
+    if comma2.all():  # every field is one digit (the common case: labels 0..9)
+        values = d1
+    else:
+        d2 = g2
+        d2 -= np.uint8(48)
+        has2 = d2 < 10
+        if not (comma2 | has2).all():
+            return None
+        g3 = bp[_PAD - 3:].take(idx).reshape(rows, n_fields)[:, 1:]
+        comma3 = g3 == 44
+        d3 = g3
+        d3 -= np.uint8(48)
         has3 = d3 < 10
         has3 &= has2
-        del p3
-        v = d1.astype(np.uint16)
-        t = d2.astype(np.uint16)
-        t *= 10
+        # two-digit fields: a comma two bytes back; three digits: a comma four bytes back
+        if not (comma2 | (has2 & comma3) | has3).all():
+            return None
+        t = d2 * np.uint8(10)  # uint8 arithmetic: two-digit values fit; garbage is masked by has2
         t *= has2
-        v += t
-        if has3.any():
-            len_sum += np.count_nonzero(has3, axis=1)
-            t = d3.astype(np.uint16)
-            t *= 100
-            t *= has3
-            v += t
-            if int(v.max()) > 255:
+        v = d1 + t
+        del t
+        if has3.any():  # three-digit values are rare: fix them up sparsely, in uint16
+            r3, c3 = np.nonzero(has3)
+            if not (b.take(idx2[r3, c3 + 1] - 4) == 44).all():
+                return None  # four or more digits
+            h = v[r3, c3].astype(np.uint16) + d3[r3, c3].astype(np.uint16) * 100
+            if int(h.max()) > 255:
                 return None
-        values = v.astype(np.uint8)
-    else:
-        values = d1
-    del p1, p2, d2, has2, is_sep
-    # first field of each row: its length follows from the row length and the data lengths;
-    # a data field with anything but its trailing digits would make that inconsistent
+            v[r3, c3] = h
+        values = v
     starts = np.empty(rows, np.int64)
     starts[0] = 0
-    starts[1:] = nl[:-1] + 1
-    first_len = (nl - starts) - len_sum - 2 * m  # data fields: 1 digit (counted by 2*m incl. commas) + extras
-    if rows and (first_len.min() < 1):
+    starts[1:] = ends[:-1] + 1
+    commas = idx2[:, 0]
+    first_len = commas - starts
+    if first_len.min() < 1:
         return None
     if numeric_first:
-        if first_len.max() > _MAX_FIRST:
+        width = int(first_len.max())
+        if width > _MAX_FIRST:
             return None
-        win = starts[:, None] + np.arange(_MAX_FIRST + 1)
-        np.minimum(win, n - 1, out=win)
-        chars = b[win]
-        k = np.arange(_MAX_FIRST + 1)
-        inside = k[None, :] < first_len[:, None]
-        dig = chars.astype(np.int64) - 48
-        if not ((dig >= 0) & (dig <= 9) | ~inside).all():
+        # the first field right-aligned in a (rows, width) window ending at its comma
+        k = np.arange(width)
+        win = commas[:, None] - width + k
+        np.maximum(win, 0, out=win)
+        dig = b.take(win)
+        dig -= np.uint8(48)
+        inside = k >= (width - first_len)[:, None]
+        if not ((dig < 10) | ~inside).all():
             return None
-        if not (chars[np.arange(rows), first_len] == 44).all():
-            return None
-        pow10 = np.where(inside, 10 ** np.clip(first_len[:, None] - 1 - k[None, :], 0, 18), 0)
-        first = (dig * pow10).sum(axis=1)
+        dig *= inside
+        first = dig.astype(np.int64) @ _POW10[width - 1::-1]
         return _Block(first, values)
     names = []
-    raw = b
-    for s, ln in zip(starts.tolist(), first_len.tolist()):
-        if raw[s + ln] != 44:
-            return None
-        name = raw[s:s + ln].tobytes()
-        if b"," in name or b'"' in name:
+    for s, c in zip(starts.tolist(), commas.tolist()):
+        name = b[s:c].tobytes()
+        if b'"' in name:
             return None
         try:
             names.append(name.decode("utf-8"))
@@ -523,10 +555,10 @@ def _read(src: _Source, path: Path, expected_pixels: int | None) -> LabelTable:
                     )
                 prealloc[:, n_rows:n_rows + rows] = block.values.T
             else:
-                blocks.append(np.ascontiguousarray(block.values.T))
+                blocks.append(block.values.T.astype(np.uint8, order="C"))
         else:
             names_t.extend(block.first)
-            blocks.append(block.values.copy())
+            blocks.append(block.values.astype(np.uint8, order="C"))
         n_rows += rows
 
     if transposed:
