@@ -12,7 +12,6 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from d2ct.evaluation.evaluator import CTSegmentationEvaluator
 from d2ct.visualization.curves import plot_training_curves
 
 from .checkpoint import AtomicCheckpointer, BestCheckpointer
@@ -91,6 +90,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        from d2ct.evaluation.evaluator import CTSegmentationEvaluator
+
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         post = cfg.D2CT.POSTPROCESS
         return CTSegmentationEvaluator(
