@@ -611,8 +611,15 @@ _KEEP1 = np.frombuffer(b"\1\0\0\0", np.uint32)[0]
 _POW10 = 10 ** np.arange(19, dtype=np.int64)
 
 
-def _as_label_matrix(path: Path, label_maps, n_names: int) -> np.ndarray:
+def _as_label_matrix(path: Path, label_maps, names: Sequence[str]) -> np.ndarray:
     """(n_images, n_pixels) uint8 from an array or a sequence of 2-D maps; DataError on bad values."""
+    n_names = len(names)
+
+    def where(a: np.ndarray, k: int, what: str) -> str:
+        if a.ndim == 2:  # (n_images, n_pixels)
+            i, p = divmod(k, a.shape[1])
+            return f"label map {i} ({names[i]!r}) at pixel {p}"
+        return f"{what} at pixel {k}"
 
     def to_u8(a: np.ndarray, what: str) -> np.ndarray:
         if a.dtype == np.uint8:
@@ -621,15 +628,17 @@ def _as_label_matrix(path: Path, label_maps, n_names: int) -> np.ndarray:
             return a.astype(np.uint8)
         if np.issubdtype(a.dtype, np.integer):
             if a.size and (a.min() < 0 or a.max() > 255):
-                bad = int(np.flatnonzero((a.ravel() < 0) | (a.ravel() > 255))[0])
-                raise DataError(f"{path}: {what} has label {int(a.ravel()[bad])} at flat pixel {bad}; labels must be 0..255")
+                flat = a.ravel()
+                k = int(np.flatnonzero((flat < 0) | (flat > 255))[0])
+                raise DataError(f"{path}: {where(a, k, what)}: label {int(flat[k])} is outside 0..255")
             return a.astype(np.uint8)
         if np.issubdtype(a.dtype, np.floating):
             flat = a.ravel()
-            bad = ~np.isfinite(flat) | (flat != np.round(flat)) | (flat < 0) | (flat > 255)
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(flat) | (flat != np.round(flat)) | (flat < 0) | (flat > 255)
             if bad.any():
                 k = int(np.flatnonzero(bad)[0])
-                raise DataError(f"{path}: {what} has label {flat[k]!r} at flat pixel {k}; labels must be integers 0..255")
+                raise DataError(f"{path}: {where(a, k, what)}: label {float(flat[k])!r} is not an integer in 0..255")
             return a.astype(np.uint8)
         raise DataError(f"{path}: {what} has dtype {a.dtype}; labels must be integers 0..255")
 
@@ -641,20 +650,18 @@ def _as_label_matrix(path: Path, label_maps, n_names: int) -> np.ndarray:
             raise DataError(f"{path}: label_maps must have shape (n_images, H, W) or (n_images, n_pixels), got {label_maps.shape}")
         if arr.shape[0] != n_names:
             raise DataError(f"{path}: {n_names} names but {arr.shape[0]} label maps")
-        return to_u8(arr, "label_maps")
+        return np.ascontiguousarray(to_u8(arr, "label_maps"))
     maps = list(label_maps)
     if len(maps) != n_names:
         raise DataError(f"{path}: {n_names} names but {len(maps)} label maps")
-    if not maps:
-        raise DataError(f"{path}: no label maps to write")
     first = np.asarray(maps[0])
     n_pixels = first.size
     out = np.empty((n_names, n_pixels), np.uint8)
     for i, m in enumerate(maps):
         a = np.asarray(m)
         if a.size != n_pixels:
-            raise DataError(f"{path}: label map {i} has {a.size} pixels (shape {a.shape}), the first has {n_pixels}")
-        out[i] = to_u8(a.ravel(), f"label map {i}")
+            raise DataError(f"{path}: label map {i} ({names[i]!r}) has {a.size} pixels (shape {a.shape}), the first has {n_pixels}")
+        out[i] = to_u8(a.ravel(), f"label map {i} ({names[i]!r})")
     return out
 
 
@@ -718,7 +725,7 @@ def write_labels_csv(
         seen.add(n)
     if not names:
         raise DataError(f"{path}: no images to write (names is empty)")
-    values = _as_label_matrix(path, label_maps, len(names))
+    values = _as_label_matrix(path, label_maps, names)
     header = _header_line(index_name, names)
     with atomic_write(path, "wb") as raw:
         if path.suffix == ".gz":
