@@ -22,3 +22,4 @@ import warnings as _warnings
 # and would otherwise open every command's output.
 _warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 _warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
+_warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)

@@ -8,7 +8,9 @@ a distributed launch with the results gathered, in input order, on the main proc
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -22,6 +24,8 @@ from detectron2.utils import comm
 from pycocotools import mask as mask_util
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
+
+from d2ct.errors import ConfigError
 
 from .mapper import CTDatasetMapper, read_model_image
 
@@ -121,6 +125,26 @@ def fuse_views(views: Sequence[tuple[np.ndarray, np.ndarray]], iou_threshold: fl
             masks.append(m2[j])
     order = np.argsort(-np.asarray(scores), kind="stable")
     return np.asarray(scores, np.float32)[order], np.stack(masks)[order]
+
+
+def load_trained(output_dir: str | os.PathLike, checkpoint: str | None = None, opts: Sequence[str] = ()):
+    """(cfg, weights path) of a tools/train_net.py output folder: its config.yaml and
+    model_best.pth, else model_final.pth (or ``checkpoint``, relative to the folder)."""
+    from d2ct.config import setup_cfg
+
+    out = Path(output_dir)
+    config = out / "config.yaml"
+    if not config.exists():
+        raise ConfigError(f"{out}: no config.yaml (is this a tools/train_net.py output folder?)")
+    if checkpoint:
+        weights = Path(checkpoint) if Path(checkpoint).is_absolute() or Path(checkpoint).exists() else out / checkpoint
+    else:
+        weights = next((out / f for f in ("model_best.pth", "model_final.pth") if (out / f).exists()), None)
+        if weights is None:
+            raise ConfigError(f"{out}: no model_best.pth or model_final.pth (has training finished?)")
+    if not weights.exists():
+        raise ConfigError(f"checkpoint not found: {weights}")
+    return setup_cfg(str(config), list(opts)), str(weights)
 
 
 class BatchPredictor:

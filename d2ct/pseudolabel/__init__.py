@@ -1,0 +1,1 @@
+"""Pseudo-labelling: radiologist weights, partition and consensus modes, the pool run."""

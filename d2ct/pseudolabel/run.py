@@ -1,0 +1,247 @@
+"""Pseudo-label the unlabelled pool with the radiologists (partition or consensus mode).
+
+Outputs, in ``out_dir``:
+- ``pseudo_labels.json``: COCO instances (single class, RLE, ``score`` per annotation) of the
+  images that kept at least one instance; register it with ``register_coco_json`` or name it in
+  ``D2CT.PSEUDO_LABELS`` for the final training.
+- ``stats.json`` and ``report.md``: images labelled per model, instances per image, exclusions.
+- ``score_histogram.png`` and ``overlays.png``: what a person should look at before trusting them.
+- ``cache/<model>.json``: each model's raw predictions; a killed run resumes from them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from detectron2.utils import comm
+
+from d2ct.config import setup_cfg
+from d2ct.data.coco import label_map_to_instances, to_coco_json
+from d2ct.engine.predictor import BatchPredictor, InstancePrediction
+from d2ct.errors import ConfigError
+from d2ct.postprocess.flatten import instances_to_label_map
+from d2ct.utils.fileio import atomic_write_json, atomic_write_text, read_json
+
+from .consensus import consensus_instances
+from .radiologists import Radiologist, normalised_weights, partition_pool
+
+logger = logging.getLogger(__name__)
+
+MODES = ("partition", "consensus")
+
+
+@dataclass
+class ConsensusOptions:
+    iou_threshold: float = 0.5
+    min_votes: int = 2
+    single_model_score: float = 0.9
+    min_score: float = 0.3
+
+
+# ----------------------------------------------------------------------------------------------
+# per-model predictions, cached
+# ----------------------------------------------------------------------------------------------
+def _save_cache(path: Path, model: Radiologist, preds: list[InstancePrediction]) -> None:
+    atomic_write_json(path, {
+        "model": model.name, "weights": model.weights,
+        "images": [{"name": p.name, "height": p.height, "width": p.width,
+                    "scores": [float(s) for s in p.scores], "rles": p.rles or []} for p in preds],
+    }, indent=None)
+
+
+def _load_cache(path: Path, model: Radiologist, names: Sequence[str]) -> list[InstancePrediction] | None:
+    if not path.exists():
+        return None
+    try:
+        data = read_json(path)
+    except ValueError:
+        return None
+    if data.get("weights") != model.weights or [im["name"] for im in data["images"]] != list(names):
+        return None
+    return [InstancePrediction(im["name"], im["height"], im["width"], np.asarray(im["scores"], np.float32),
+                               None, im["rles"]) for im in data["images"]]
+
+
+def predict_pool(model: Radiologist, named_paths: Sequence[tuple[str, str]], cache_dir: Path, *,
+                 batch_size: int = 4, flip_tta: bool = False) -> list[InstancePrediction] | None:
+    """The model's instances on the given images (all processes share the work; rank 0 gets them)."""
+    cache = cache_dir / f"{model.name}.json"
+    names = [n for n, _ in named_paths]
+    cached = _load_cache(cache, model, names) if comm.is_main_process() else None
+    done = comm.all_gather(cached is not None)[0] if comm.get_world_size() > 1 else cached is not None
+    if done:
+        logger.info("%s: %d predictions read from %s", model.name, len(names), cache)
+        return cached
+    cfg = setup_cfg(model.config, model.opts)
+    predictor = BatchPredictor(cfg, model.weights, batch_size=batch_size, flip_tta=flip_tta)
+    preds = predictor.predict_files_sharded(list(named_paths), desc=f"pseudo-labelling ({model.name})")
+    if comm.is_main_process():
+        _save_cache(cache, model, preds)
+    return preds
+
+
+# ----------------------------------------------------------------------------------------------
+# instances -> non-overlapping annotations
+# ----------------------------------------------------------------------------------------------
+def resolve_overlaps(scores: np.ndarray, masks: np.ndarray, *, threshold: float, min_area: int) -> list[dict]:
+    """Keep instances >= threshold, let the higher score win overlaps, drop pieces < min_area;
+    return COCO-style annotations (RLE) with their scores."""
+    keep = np.flatnonzero(scores >= threshold)
+    if len(keep) == 0:
+        return []
+    scores, masks = scores[keep], masks[keep]
+    label_map = instances_to_label_map(masks, scores, labels=list(range(1, len(keep) + 1)), min_area=min_area)
+    annotations = label_map_to_instances(label_map, min_area=min_area)
+    for ann in annotations:
+        ann["score"] = float(scores[ann["label_value"] - 1])
+    annotations.sort(key=lambda a: -a["score"])
+    return annotations
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+def pseudo_label_pool(
+    radiologists: Sequence[Radiologist],
+    pool: Sequence[tuple[str, str, int]],
+    out_dir: str | os.PathLike,
+    *,
+    mode: str = "partition",
+    seed: int = 0,
+    min_area: int = 10,
+    batch_size: int = 4,
+    flip_tta: bool = False,
+    consensus: ConsensusOptions | None = None,
+    overlays: int = 12,
+) -> dict | None:
+    """Pseudo-label ``pool`` = [(name, image path, image_id), ...]; returns the stats (rank 0).
+
+    Partition (the published method): the pool is split at random (seeded) into groups whose
+    sizes follow the radiologists' normalised validation APs; each labels its group with its own
+    score threshold. Consensus: every model labels every image and only agreed structures stay.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"--mode must be one of {MODES}, got {mode!r}")
+    if not radiologists:
+        raise ConfigError("no radiologists given")
+    names = [n for n, _, _ in pool]
+    if len(set(names)) != len(names):
+        raise ConfigError("the pool lists an image twice")
+    out_dir = Path(out_dir)
+    cache_dir = out_dir / "cache"
+    weights = normalised_weights([r.ap for r in radiologists])
+    by_name = {n: (p, i) for n, p, i in pool}
+    annotations: dict[str, list[dict]] = {}
+    labelled_by: dict[str, str] = {}
+    per_model: dict[str, dict] = {}
+    consensus = consensus or ConsensusOptions()
+
+    if mode == "partition":
+        groups = partition_pool(names, weights, seed)
+        for model, group in zip(radiologists, groups):
+            preds = predict_pool(model, [(n, by_name[n][0]) for n in group], cache_dir,
+                                 batch_size=batch_size, flip_tta=flip_tta)
+            if not comm.is_main_process():
+                continue
+            kept = 0
+            for pred in preds:
+                anns = resolve_overlaps(pred.scores, pred.masks(), threshold=model.threshold, min_area=min_area)
+                annotations[pred.name] = anns
+                labelled_by[pred.name] = model.name
+                kept += bool(anns)
+            per_model[model.name] = {"assigned": len(group), "labelled": kept}
+    else:
+        all_preds = [predict_pool(m, [(n, by_name[n][0]) for n in names], cache_dir,
+                                  batch_size=batch_size, flip_tta=flip_tta) for m in radiologists]
+        if comm.is_main_process():
+            for i, name in enumerate(names):
+                per_image = [(p[i].scores, p[i].masks()) for p in all_preds]
+                scores, masks = consensus_instances(
+                    per_image, weights, iou_threshold=consensus.iou_threshold, min_votes=consensus.min_votes,
+                    single_model_score=consensus.single_model_score, min_score=consensus.min_score)
+                annotations[name] = resolve_overlaps(scores, masks, threshold=0.0, min_area=min_area)
+                labelled_by[name] = "consensus"
+            for m in radiologists:
+                per_model[m.name] = {"assigned": len(names), "labelled": None}
+    if not comm.is_main_process():
+        return None
+
+    dicts, excluded = [], []
+    for name in names:
+        anns = annotations.get(name, [])
+        if not anns:
+            excluded.append(name)
+            continue
+        path, image_id = by_name[name]
+        pred_shape = anns[0]["segmentation"]["size"]
+        dicts.append({"file_name": str(Path(path).resolve()), "height": pred_shape[0], "width": pred_shape[1],
+                      "image_id": image_id, "name": name, "labelled_by": labelled_by[name], "annotations": anns})
+    coco = to_coco_json(dicts, description=f"d2ct pseudo-labels ({mode})", image_root=out_dir.resolve())
+    atomic_write_json(out_dir / "pseudo_labels.json", coco, indent=None)
+
+    all_scores = [a["score"] for d in dicts for a in d["annotations"]]
+    counts = [len(d["annotations"]) for d in dicts]
+    stats = {
+        "mode": mode,
+        "seed": seed,
+        "min_area": min_area,
+        "flip_tta": flip_tta,
+        "pool_images": len(names),
+        "labelled_images": len(dicts),
+        "excluded_images": len(excluded),
+        "instances": int(sum(counts)),
+        "instances_per_image": float(np.mean(counts)) if counts else 0.0,
+        "score_mean": float(np.mean(all_scores)) if all_scores else None,
+        "radiologists": [
+            {"name": m.name, "ap": m.ap, "weight": float(w), "threshold": m.threshold, "weights_file": m.weights,
+             **per_model.get(m.name, {})}
+            for m, w in zip(radiologists, weights)
+        ],
+        "consensus": consensus.__dict__ if mode == "consensus" else None,
+    }
+    atomic_write_json(out_dir / "stats.json", stats)
+    _write_pictures(out_dir, dicts, all_scores, overlays, seed)
+    atomic_write_text(out_dir / "report.md", format_report(stats))
+    logger.info("pseudo-labels: %d of %d pool images kept, %d instances -> %s",
+                len(dicts), len(names), stats["instances"], out_dir / "pseudo_labels.json")
+    return stats
+
+
+def _write_pictures(out_dir: Path, dicts: list[dict], scores: list[float], n_overlays: int, seed: int) -> None:
+    from d2ct.visualization.overlay import overlay_grid, score_histogram
+
+    score_histogram(scores, out_dir / "score_histogram.png", title="pseudo-label instance scores")
+    if dicts and n_overlays:
+        rng = np.random.default_rng(seed)
+        chosen = sorted(rng.choice(len(dicts), size=min(n_overlays, len(dicts)), replace=False))
+        items = []
+        for i in chosen:
+            d = dicts[i]
+            label_map = instances_to_label_map([a["segmentation"] for a in d["annotations"]],
+                                               [a["score"] for a in d["annotations"]])
+            items.append((d["file_name"], label_map, f"{d['name']} ({d['labelled_by']}, {len(d['annotations'])})"))
+        overlay_grid(items, out_dir / "overlays.png", title="pseudo-labels (random sample)")
+
+
+def format_report(stats: dict) -> str:
+    lines = [
+        f"# Pseudo-labels ({stats['mode']} mode)",
+        "",
+        f"- pool images: {stats['pool_images']}",
+        f"- kept (at least one instance): {stats['labelled_images']}; excluded (none above threshold): "
+        f"{stats['excluded_images']}",
+        f"- instances: {stats['instances']} ({stats['instances_per_image']:.1f} per kept image)",
+        "",
+        "| radiologist | val mask AP | weight | threshold | images assigned | images kept |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in stats["radiologists"]:
+        kept = "-" if r.get("labelled") is None else r["labelled"]
+        lines.append(f"| {r['name']} | {r['ap']:.2f} | {r['weight']:.3f} | {r['threshold']} | "
+                     f"{r.get('assigned', '-')} | {kept} |")
+    lines += ["", "![scores](score_histogram.png)", "", "![overlays](overlays.png)", ""]
+    return "\n".join(lines)
