@@ -246,7 +246,7 @@ def _draw_anatomy(cv: _Canvas, level: float, cfg: PhantomConfig) -> dict:
     musc = lambda: U(45, 58)  # noqa: E731
     wall_in = body(t_fat)
     for side, name in ((-1, "right"), (1, "left")):
-        m = cv.blob(side * (0.07 + rv * 0.75), yv + rv * 0.95 + 0.13, U(0.12, 0.16) / hab, U(0.12, 0.16) / hab,
+        m = cv.blob(side * (0.08 + rv * 0.8), yv + rv + 0.15, U(0.14, 0.19) / hab ** 0.5, U(0.15, 0.2) / hab ** 0.5,
                     angle=side * U(0.0, 0.3), harm=cv.harmonics(0.05)) & wall_in
         cv.structure(f"autochthon_{name}", m, musc())
         q = cv.blob(side * (rv + 0.18), yv + rv * 0.6, 0.07 / hab, 0.05 / hab, angle=side * 0.6) & wall_in
@@ -397,13 +397,13 @@ def _draw_anatomy(cv: _Canvas, level: float, cfg: PhantomConfig) -> dict:
             cv.structure(f"iliac_vena_{name}", m, ivc_hu)
 
     # Small bowel: loops packed into the free visceral fat, one multi-part instance.
-    s_sb = _ramp(level, 0.3, 0.62)
+    s_sb = _ramp(level, 0.15, 0.5)
     if s_sb > 0:
         free = cavity & (cv.owner == 0) & (cv.Y < y_front + 0.05) & (cv.hu < -50)
         oral = rng.random() < cfg.p_oral_contrast
         loops = np.zeros_like(free)
         lumens = []
-        target = s_sb * U(0.45, 0.8) * free.sum()  # fraction of the free fat filled with bowel
+        target = s_sb * U(0.55, 0.85) * free.sum()  # fraction of the free fat filled with bowel
         avail = cv.erode(free, 2)
         for _ in range(40):
             if loops.sum() >= target:
