@@ -28,11 +28,12 @@ def _names(n):
 
 @pytest.fixture
 def no_slow(monkeypatch):
-    """Fail if the exact (slow) parser is used: well-formed files must take the vectorised path."""
+    """Fail if a fallback parser is used: well-formed files must take the vectorised path."""
 
     def boom(*args, **kwargs):
-        raise AssertionError("slow parser used")
+        raise AssertionError("fallback parser used")
 
+    monkeypatch.setattr(lc, "_parse_pandas", boom)
     monkeypatch.setattr(lc, "_parse_slow", boom)
 
 
@@ -132,14 +133,15 @@ def test_gzip_detected_from_content_not_suffix(tmp_path):
     assert np.array_equal(read_labels_csv(tmp_path / "plain_name.csv").values, maps.reshape(2, -1))
 
 
-def test_crlf_no_trailing_newline_quotes_and_float_text(tmp_path):
-    # CRLF line ends
+def test_crlf_and_no_trailing_newline_take_the_fast_path(tmp_path, no_slow):
     (tmp_path / "crlf.csv").write_bytes(b"pixel,0.png,1.png\r\n0,1,0\r\n1,0,12\r\n")
     t = read_labels_csv(tmp_path / "crlf.csv")
     assert t.values.tolist() == [[1, 0], [0, 12]]
-    # last line without a newline
     (tmp_path / "nonl.csv").write_bytes(b"pixel,0.png\n0,3\n1,4")
     assert read_labels_csv(tmp_path / "nonl.csv").values.tolist() == [[3, 4]]
+
+
+def test_quotes_spaces_and_float_text(tmp_path):
     # quoted names / values and integral floats (e.g. written from a float frame) go the exact way
     (tmp_path / "q.csv").write_bytes(b'"pixel","a,b.png","c.png"\n0,"2",3.0\n1, 4 ,5\n')
     t = read_labels_csv(tmp_path / "q.csv")
@@ -147,7 +149,7 @@ def test_crlf_no_trailing_newline_quotes_and_float_text(tmp_path):
 
 
 # ---------------------------------------------------------------------------- transposed
-def test_transposed_file_is_detected_and_logged(tmp_path, caplog):
+def test_transposed_file_is_detected_and_logged(tmp_path, caplog, no_slow):
     maps = _maps(n=4, h=5, w=6)
     df = pd.DataFrame(maps.reshape(4, -1), index=_names(4))
     df.index.name = "image"
@@ -161,7 +163,7 @@ def test_transposed_file_is_detected_and_logged(tmp_path, caplog):
     assert np.array_equal(t.label_map("2.png", (5, 6)), maps[2])
 
 
-def test_transposed_with_integer_image_names(tmp_path):
+def test_transposed_with_integer_image_names(tmp_path, no_slow):
     maps = _maps(n=3, h=8, w=8)
     df = pd.DataFrame(maps.reshape(3, -1), index=[0, 1, 2])
     df.to_csv(tmp_path / "t.csv")
@@ -332,7 +334,7 @@ def test_roundtrip_property(tmp_path_factory, monkeypatch, n, n_pixels, high, bl
 REAL = "/work/shared/data/real_ct_dev/labels.csv.gz"
 
 
-def test_real_ct_dev_labels_match_pandas():
+def test_real_ct_dev_labels_match_pandas(no_slow):
     import os
 
     if not os.path.exists(REAL):
@@ -341,3 +343,11 @@ def test_real_ct_dev_labels_match_pandas():
     df = pd.read_csv(REAL, index_col=0)
     assert t.names == list(df.columns) and t.index_name == "pixel"
     assert np.array_equal(t.values, df.to_numpy().T)
+
+
+def test_trailing_blank_lines_are_ignored_but_inner_ones_are_errors(tmp_path):
+    (tmp_path / "a.csv").write_bytes(b"pixel,0.png\n0,1\n1,2\n\n\n")
+    assert read_labels_csv(tmp_path / "a.csv").values.tolist() == [[1, 2]]
+    (tmp_path / "b.csv").write_bytes(b"pixel,0.png\n0,1\n\n1,2\n")
+    with pytest.raises(DataError, match=r"b\.csv: line 3 is empty"):
+        read_labels_csv(tmp_path / "b.csv")

@@ -121,8 +121,37 @@ class ChallengeDataset:
     labelled_names: list[str]
     unlabelled_names: list[str]
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    def __init__(
+        self,
+        *,
+        root: Path,
+        image_dir: Path,
+        names: list[str],
+        shape: tuple[int, int],
+        labels_path: Path | None = None,
+        labels: LabelTable | None = None,
+        annotated: list[str] | None = None,
+        annotated_path: Path | None = None,
+        labelled_names: list[str] | None = None,
+        unlabelled_names: list[str] | None = None,
+        check_images: bool = True,
+    ):
+        """Use :meth:`open`, which finds and validates everything; this only stores it."""
+        self.root = Path(root)
+        self.image_dir = Path(image_dir)
+        self.names = list(names)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.labels_path = labels_path
+        self.labels = labels
+        self.annotated = annotated
+        self.annotated_path = annotated_path
+        self.labelled_names = list(labelled_names or [])
+        labelled = set(self.labelled_names)
+        self.unlabelled_names = (
+            list(unlabelled_names) if unlabelled_names is not None else [n for n in self.names if n not in labelled]
+        )
+        self._name_set = set(self.names)
+        self._check_images = check_images
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -242,8 +271,7 @@ class ChallengeDataset:
             labels=table,
             labelled_names=labelled,
             unlabelled_names=unlabelled,
-            _name_set=name_set,
-            _check_images=check_images,
+            check_images=check_images,
         )
 
     # -- access ---------------------------------------------------------------------------

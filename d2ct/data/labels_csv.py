@@ -7,11 +7,12 @@ Files may be plain or gzip-compressed (detected from the content, not only the `
 The transposed orientation (rows = images, first column holding names like ``0.png``) is
 detected and read too, with a log message.
 
-Reading uses a vectorised numpy parser over the raw bytes (blocks of a few MB, so peak memory
-stays about twice the ``uint8`` result), with a slower pure-Python fallback per block for
-anything unusual (quotes, spaces, ``3.0``-style values, CRLF is handled in the fast path). The
-fallback also produces the precise error messages: file, column and pixel (or image) of the bad
-cell. Writing uses a vectorised formatter (a lookup table of the byte strings of 0..255) and
+Reading uses a vectorised numpy parser over the raw bytes, in blocks of a few MB: peak memory is
+the ``uint8`` result plus about 80 MB when ``expected_pixels`` is given (the result is filled in
+place), about twice the result otherwise. A block the vectorised parser declines (quoted cells,
+spaces, ``3.0``-style values, bad cells) is re-read with pandas' C parser and, if still invalid,
+with an exact Python parser that produces the error message: file, column and pixel (or image)
+and line of the bad cell. CRLF line ends are accepted. Writing uses a vectorised formatter (a lookup table of the byte strings of 0..255) and
 writes exactly the layout ``pandas.DataFrame.to_csv`` gives for an integer frame with a named
 index, so ``pd.read_csv(path, index_col=0)`` reads it back as written.
 """
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["LabelTable", "read_labels_csv", "write_labels_csv"]
 
 _PAD = 4  # zero bytes kept in front of every parse buffer so "the k-th byte before" is always defined
-_BLOCK = 16 << 20  # bytes read per parse block
+_BLOCK = 8 << 20  # bytes read per parse block (temporaries ~10x this)
 _WRITE_BLOCK = 16 << 20  # bytes formatted per write block
 _MAX_FIRST = 15  # longest first field (pixel index) the vectorised path handles
 
@@ -177,21 +178,22 @@ def _iter_blocks(src: _Source, first: bytes = b""):
     while True:
         if not eof and fill < cap:
             got = src.readinto(memoryview(buf)[_PAD + fill:_PAD + cap])
+            fill += got
             if got == 0:
                 eof = True
-            fill += got
+                # trailing blank lines / whitespace at the end of the file are ignored (as pandas does)
+                while fill and buf[_PAD + fill - 1] in (10, 13, 32):
+                    fill -= 1
+                if fill:
+                    if fill >= cap:
+                        buf = np.concatenate([buf, np.zeros(1, np.uint8)])
+                    buf[_PAD + fill] = 10
+                    fill += 1
         if fill == 0:
             return
         data = buf[_PAD:_PAD + fill]
         last = _rfind_newline(data)
-        if last < 0:
-            if eof:  # the last line has no newline: add one
-                if fill >= cap:
-                    buf = np.concatenate([buf, np.zeros(1, np.uint8)])
-                buf[_PAD + fill] = 10
-                yield buf[:_PAD + fill + 1]
-                return
-            # no complete line yet: grow the buffer
+        if last < 0:  # no complete line yet (at EOF the data always ends with a newline): grow
             cap *= 2
             new = np.zeros(_PAD + cap, np.uint8)
             new[:_PAD + fill] = buf[:_PAD + fill]
@@ -214,23 +216,6 @@ class _Block:
     def __init__(self, first, values):
         self.first = first  # int64 array (pixel indices) or list[str] (image names)
         self.values = values  # uint8 (rows, n_fields - 1)
-
-
-_NL_FLAG = np.uint16(0x8000)  # marks the separator that is a newline
-_EMPTY_FLAG = np.uint16(0x4000)  # marks a separator with no digit before it (empty / non-numeric field)
-_FIRST_WIN = _MAX_FIRST + 1
-
-
-def _first_commas(b: np.ndarray, starts: np.ndarray) -> np.ndarray | None:
-    """Position of the first comma of every line (within _MAX_FIRST bytes of its start), or None."""
-    n = b.size
-    win = starts[:, None] + np.arange(_FIRST_WIN)
-    np.minimum(win, n - 1, out=win)
-    is_comma = b[win] == 44
-    first = is_comma.argmax(axis=1)
-    if not is_comma[np.arange(starts.size), first].all():
-        return None
-    return starts + first
 
 
 def _parse_fast(bp: np.ndarray, n_fields: int, numeric_first: bool) -> _Block | None:
@@ -367,6 +352,45 @@ class _Context:
         return f"column {self.header_cols[col]!r}, pixel {row_first} (line {line})"
 
 
+def _parse_pandas(bp: np.ndarray, n_fields: int, numeric_first: bool) -> _Block | None:
+    """Second chance for blocks the vectorised parser declines but that may still be valid
+    (quoted cells, spaces, '3.0'-style integral floats): pandas' C parser, then a vectorised
+    check. Returns None on anything invalid; the exact parser then says where and why."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(
+            io.BytesIO(bp[_PAD:].tobytes()),
+            header=None,
+            names=list(range(n_fields)),
+            index_col=False,
+            dtype={0: str} if not numeric_first else np.float64,
+            skipinitialspace=True,
+            skip_blank_lines=False,
+            engine="c",
+        )
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        return None
+    if df.shape[1] != n_fields:
+        return None
+    data = df.iloc[:, 1:].to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(data) & (data >= 0) & (data <= 255) & (data == np.floor(data))
+    if not ok.all():
+        return None
+    values = data.astype(np.uint8)
+    if numeric_first:
+        first = df.iloc[:, 0].to_numpy(np.float64)
+        with np.errstate(invalid="ignore"):
+            if not (np.isfinite(first) & (first >= 0) & (first == np.floor(first))).all():
+                return None
+        return _Block(first.astype(np.int64), values)
+    firsts = df.iloc[:, 0].tolist()
+    if any(not isinstance(x, str) for x in firsts):
+        return None
+    return _Block([x.strip() for x in firsts], values)
+
+
 def _parse_slow(bp: np.ndarray, n_fields: int, numeric_first: bool, ctx: _Context, row_offset: int) -> _Block:
     """Exact parser with precise errors (csv module; used when the fast path declines a block)."""
     text = bp[_PAD:].tobytes()
@@ -444,24 +468,25 @@ def read_labels_csv(path: str | os.PathLike, *, expected_pixels: int | None = No
 
 
 def _read_header(src: _Source, path: Path) -> tuple[bytes, bytes]:
-    """Read the header line; returns (header line bytes without newline, bytes read beyond it)."""
-    chunks = []
-    total = 0
-    while True:
+    """Read the header line; returns (header line without its newline, the bytes read after it,
+    which hold at least the start of the first data line unless the file ends first)."""
+    data = b""
+    pos = -1
+    eof = False
+    while not eof:
         buf = bytearray(1 << 20)
         got = src.readinto(memoryview(buf))
-        if got == 0:
+        eof = got == 0
+        data += bytes(buf[:got])
+        if pos < 0:
+            pos = data.find(b"\n")
+        if pos >= 0 and len(data) - pos > 4096:
             break
-        chunk = bytes(buf[:got])
-        pos = chunk.find(b"\n")
-        if pos >= 0:
-            chunks.append(chunk[:pos])
-            return b"".join(chunks), chunk[pos + 1:]
-        chunks.append(chunk)
-        total += got
-    if not chunks or not b"".join(chunks).strip():
+    if not data.strip():
         raise DataError(f"{path}: the labels CSV is empty")
-    return b"".join(chunks), b""
+    if pos < 0:
+        return data, b""
+    return data[:pos], data[pos + 1:]
 
 
 def _read(src: _Source, path: Path, expected_pixels: int | None) -> LabelTable:
@@ -491,14 +516,12 @@ def _read(src: _Source, path: Path, expected_pixels: int | None) -> LabelTable:
         except (StopIteration, csv.Error):
             first_field = ""
     col_ints = all(_is_int_text(c) for c in cols)
-    transposed = bool(first_field) and not _is_int_text(first_field) and _cell_value(first_field) is None
-    if not transposed and col_ints and cols and not any(c.lower().endswith(".png") for c in cols):
-        # header names are pixel indices 0..N-1: rows are images named by integers
-        n = len(cols)
-        side = int(round(n ** 0.5))
-        if [int(c) for c in cols[:3]] == list(range(min(3, n))) and (
-            (expected_pixels is not None and n == expected_pixels) or (expected_pixels is None and side * side == n and n >= 64)
-        ):
+    # rows = images when the first data field is an image name rather than a pixel index
+    named_first = bool(first_field) and not _is_int_text(first_field) and _cell_value(first_field) is None
+    transposed = named_first and (col_ints or first_field.strip().lower().endswith(".png"))
+    if not transposed and col_ints and expected_pixels is not None and len(cols) == expected_pixels:
+        # header names are the pixel indices 0..H*W-1: rows are images named by integers
+        if [int(c) for c in cols[:3]] == list(range(min(3, len(cols)))):
             transposed = True
     if transposed:
         logger.info("%s: transposed labels CSV detected (rows = images, columns = pixels); reading it as such", path)
@@ -537,6 +560,8 @@ def _read(src: _Source, path: Path, expected_pixels: int | None) -> LabelTable:
             body = body[body != 13]
             bp = np.concatenate([np.zeros(_PAD, np.uint8), body])
         block = _parse_fast(bp, n_fields, numeric_first)
+        if block is None:
+            block = _parse_pandas(bp, n_fields, numeric_first)
         if block is None:
             block = _parse_slow(bp, n_fields, numeric_first, ctx, n_rows)
         rows = block.values.shape[0]
@@ -671,15 +696,29 @@ def _header_line(index_name: str, names: Sequence[str]) -> bytes:
     return sio.getvalue().encode("utf-8")
 
 
+def _transpose_into(out: np.ndarray, src: np.ndarray, tile_rows: int = 16, tile_cols: int = 1024) -> None:
+    """``out[:] = src.T`` in small tiles: several times faster than numpy's plain transposing copy
+    when ``src`` is a wide, short slice (images x pixel block), which thrashes the cache."""
+    n_src, m_src = src.shape
+    for r in range(0, n_src, tile_rows):
+        for c in range(0, m_src, tile_cols):
+            out[c:c + tile_cols, r:r + tile_rows] = src[r:r + tile_rows, c:c + tile_cols].T
+
+
 def _write_body(f: BinaryIO, values: np.ndarray) -> None:
-    """Rows = pixels: '<pixel>,<v0>,<v1>,...\\n' for every pixel, vectorised in row blocks."""
+    """Rows = pixels: '<pixel>,<v0>,<v1>,...\\n' for every pixel, vectorised in row blocks.
+
+    Each row is laid out in 4-byte slots (index digits, then ',<v>' per image from a lookup
+    table of the 256 byte strings, then the newline) with a parallel keep-mask; one boolean
+    compaction per block drops the unused bytes."""
     n_images, n_pixels = values.shape
     iw = max(1, len(str(max(n_pixels - 1, 0))))
     iw4 = -(-iw // 4)  # index slots of 4 bytes
     width = iw4 + n_images + 1  # uint32 slots per row: index, fields, newline
     rows_per = max(1, _WRITE_BLOCK // (4 * width))
     k = np.arange(iw4 * 4)
-    pow10 = 10 ** np.clip(iw4 * 4 - 1 - k, 0, 18)
+    pow10 = _POW10[np.clip(iw4 * 4 - 1 - k, 0, 18)]
+    block = np.empty((min(rows_per, n_pixels), n_images), np.uint8)
     for r0 in range(0, n_pixels, rows_per):
         r1 = min(n_pixels, r0 + rows_per)
         rows = r1 - r0
@@ -692,9 +731,10 @@ def _write_body(f: BinaryIO, values: np.ndarray) -> None:
         ikeep = k[None, :] >= (iw4 * 4 - ndig[:, None])
         slots[:, :iw4] = (digits + 48).astype(np.uint8).view(np.uint32)
         keep[:, :iw4] = np.ascontiguousarray(ikeep).view(np.uint32)
-        block = values[:, r0:r1].T
-        slots[:, iw4:iw4 + n_images] = _CODES32[block]
-        keep[:, iw4:iw4 + n_images] = _MASK32[block]
+        blk = block[:rows]
+        _transpose_into(blk, values[:, r0:r1])
+        slots[:, iw4:iw4 + n_images] = _CODES32.take(blk)
+        keep[:, iw4:iw4 + n_images] = _MASK32.take(blk)
         slots[:, -1] = _NL32
         keep[:, -1] = _KEEP1
         out = slots.view(np.uint8)[keep.view(np.bool_)]
