@@ -347,3 +347,17 @@ def test_real_openkbp_fewshot():
     assert ds.labelled_names == [f"{i}.png" for i in range(400)]
     assert ds.unlabelled_names == [f"{i}.png" for i in range(400, 1400)]
     assert all(ds.labels.is_empty(n) for n in ds.unlabelled_names[:50])
+
+
+def test_transposed_labels_with_bare_ids_match_png_names(tmp_path, caplog):
+    import pandas as pd
+
+    maps = make_layout(tmp_path, n=4, n_labelled=2, labels=None, annotated=None)
+    df = pd.DataFrame(maps.reshape(4, -1), index=[0, 1, 2, 3])
+    df.index.name = "id"
+    df.to_csv(tmp_path / "labels.csv")
+    with caplog.at_level(logging.INFO):
+        ds = ChallengeDataset.open(tmp_path)
+    assert ds.labels.transposed and "transposed" in caplog.text
+    assert ds.labelled_names == ["0.png", "1.png"]
+    assert np.array_equal(ds.label_map("1.png"), maps[1])

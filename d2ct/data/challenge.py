@@ -220,6 +220,13 @@ class ChallengeDataset:
                     f"{labels_path}: {table.n_pixels} pixels per image, but the images are "
                     f"{shape[0]}x{shape[1]} = {shape[0] * shape[1]} pixels"
                 )
+            if any(c not in name_set for c in table.names) and all(
+                c in name_set or (c.isdigit() and f"{c}.png" in name_set) for c in table.names
+            ):  # columns named by bare ids (17 for 17.png), e.g. a transposed file's first column
+                table = LabelTable(
+                    [c if c in name_set else f"{c}.png" for c in table.names], table.values,
+                    index_name=table.index_name, source=table.source, transposed=table.transposed,
+                )
             extra = [c for c in table.names if c not in name_set]
             if extra:
                 raise DataError(
