@@ -120,7 +120,7 @@ def instances_to_label_map(
     pixels to lower-scored instances. Output ids are 1..K in descending score order, or ``labels[i]``
     (1..255; repeats allowed, e.g. components of one structure) when given. Instances with a score
     below ``score_threshold`` are dropped, except that when none passes and ``fallback_top_k`` > 0 the
-    ``fallback_top_k`` best are used. Without ``labels``, at most 255 instances get an id: the rest
+    ``fallback_top_k`` best are used (with ``scores=None`` nothing is dropped). Without ``labels``, at most 255 instances get an id: the rest
     (the lowest scored) are dropped with a warning."""
     source = _MaskSource(masks, shape)
     n = source.n
