@@ -351,3 +351,41 @@ def test_trailing_blank_lines_are_ignored_but_inner_ones_are_errors(tmp_path):
     (tmp_path / "b.csv").write_bytes(b"pixel,0.png\n0,1\n\n1,2\n")
     with pytest.raises(DataError, match=r"b\.csv: line 3 is empty"):
         read_labels_csv(tmp_path / "b.csv")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(st.lists(st.integers(0, 255), min_size=3, max_size=3), min_size=1, max_size=6),
+    edits=st.lists(
+        st.tuples(st.sampled_from(["replace", "insert", "delete"]), st.integers(0, 10**6), st.sampled_from(list(b"0159,\n.- x\"\r\t+e"))),
+        min_size=1,
+        max_size=3,
+    ),
+    transposed=st.booleans(),
+)
+def test_fast_parser_never_accepts_what_the_exact_parser_rejects(values, edits, transposed):
+    """Mutate a valid block at random: whenever the vectorised parser accepts the result, the exact
+    parser must accept it too and give the same values (else the fast path let bad input through)."""
+    first = [f"{i}.png" for i in range(len(values))] if transposed else [str(i) for i in range(len(values))]
+    text = bytearray(b"".join((f + "," + ",".join(map(str, row)) + "\n").encode() for f, row in zip(first, values)))
+    for op, pos, byte in edits:
+        pos %= len(text) + (op == "insert")
+        if op == "replace" and text:
+            text[pos % len(text)] = byte
+        elif op == "insert":
+            text.insert(pos, byte)
+        elif op == "delete" and len(text) > 1:
+            del text[pos % len(text)]
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    bp = np.concatenate([np.zeros(lc._PAD, np.uint8), np.frombuffer(bytes(text), np.uint8)])
+    fast = lc._parse_fast(bp.copy(), 4, not transposed)
+    if fast is None:
+        return
+    ctx = lc._Context(lc.Path("fuzz.csv"), "pixel", ["a", "b", "c"], transposed)
+    exact = lc._parse_slow(bp.copy(), 4, not transposed, ctx, 0)  # raises DataError if the input is bad
+    assert np.array_equal(np.asarray(fast.values, np.uint8), exact.values)
+    if transposed:
+        assert fast.first == exact.first
+    else:
+        assert np.array_equal(fast.first, exact.first)

@@ -305,10 +305,10 @@ def _parse_fast(bp: np.ndarray, n_fields: int, numeric_first: bool) -> _Block | 
     names = []
     for s, c in zip(starts.tolist(), commas.tolist()):
         name = b[s:c].tobytes()
-        if b'"' in name:
-            return None
+        if b'"' in name or b"\r" in name:
+            return None  # quoting / a stray carriage return: leave it to the exact parser
         try:
-            names.append(name.decode("utf-8"))
+            names.append(name.decode("utf-8").strip())
         except UnicodeDecodeError:
             return None
     return _Block(names, values)
