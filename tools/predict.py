@@ -24,9 +24,9 @@ from detectron2.utils.logger import setup_logger
 from d2ct.engine import launch
 from d2ct.engine.mapper import read_model_image
 from d2ct.engine.predictor import BatchPredictor, load_trained
-from d2ct.errors import D2CTError
+from d2ct.errors import D2CTError, DataError
 from d2ct.postprocess.submission import (PostprocessOptions, find_slices, label_maps_from_predictions,
-                                         write_submission)
+                                         save_instances, write_submission)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback-top-k", type=int, help="instances kept below the threshold when none passes")
     p.add_argument("--flip-tta", action="store_true", help="fuse predictions on each slice and its mirror image")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--list", metavar="FILE", help="predict only the slices named in FILE (one file name per line)")
+    p.add_argument("--instances", metavar="FILE.json",
+                   help="also save every instance (score + RLE mask) before flattening, e.g. for mask AP")
     p.add_argument("--viz", metavar="DIR", help="write overlays (slice | prediction | truth) here")
     p.add_argument("--viz-count", type=int, default=12, help="slices shown in the overlays")
     p.add_argument("--truth", help="labels CSV of the input slices: adds truth to overlays and prints scores")
@@ -84,11 +87,15 @@ def main(args):
         print(f"{len(named)} slices, {sum(int(m.max()) for m in label_maps)} structures -> {args.out}")
         return
     folder, names = find_slices(source)
+    if args.list:
+        names = _read_list(args.list, names, folder)
     preds = predictor.predict_files_sharded([(n, str(folder / n)) for n in names])
     if not comm.is_main_process():
         return
     label_maps = label_maps_from_predictions(preds, options)
     write_submission(args.out, names, label_maps)
+    if args.instances:
+        save_instances(args.instances, preds)
     print(f"{len(names)} slices -> {args.out}")
     truth = _read_truth(args.truth, names, label_maps.shape[1:]) if args.truth else None
     if truth is not None:
@@ -98,6 +105,17 @@ def main(args):
         print(format_summary(result.summary, title=f"scores against {args.truth}"))
     if args.viz:
         _write_overlays(args.viz, folder, names, label_maps, truth, args.viz_count)
+
+
+def _read_list(path, available, folder):
+    try:
+        wanted = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise DataError(f"--list {path}: {e.strerror}") from None
+    missing = sorted(set(wanted) - set(available))
+    if missing:
+        raise DataError(f"--list {path}: {len(missing)} name(s) are not slices of {folder}, e.g. {missing[0]}")
+    return wanted
 
 
 def _read_truth(path, names, shape):

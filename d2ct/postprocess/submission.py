@@ -12,6 +12,7 @@ import numpy as np
 from d2ct.data.images import list_slices
 from d2ct.data.labels_csv import write_labels_csv
 from d2ct.errors import DataError
+from d2ct.utils.fileio import atomic_write_json, read_json
 
 from .flatten import instances_to_label_map
 
@@ -76,3 +77,22 @@ def write_submission(path: str | os.PathLike, names: Sequence[str], label_maps: 
     write_labels_csv(path, list(names), label_maps)
     logger.info("submission: %d slices -> %s", len(names), path)
     return Path(path)
+
+
+def save_instances(path: str | os.PathLike, preds: Sequence) -> Path:
+    """Every instance of every slice (score + RLE), before flattening: what mask AP is computed on."""
+    atomic_write_json(path, {"images": [
+        {"name": p.name, "height": p.height, "width": p.width, "scores": [float(s) for s in p.scores],
+         "rles": p.compact().rles or []} for p in preds]}, indent=None)
+    return Path(path)
+
+
+def load_instances(path: str | os.PathLike) -> dict[str, tuple[list[dict], np.ndarray]]:
+    """name -> (RLEs, scores) from :func:`save_instances`."""
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        raise DataError(f"instances file not found: {path}") from None
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    return {im["name"]: (im["rles"], np.asarray(im["scores"], np.float32)) for im in data["images"]}

@@ -1,0 +1,1 @@
+"""The whole method as resumable stages (tools/run_pipeline.py)."""

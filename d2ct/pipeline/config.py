@@ -1,0 +1,142 @@
+"""The pipeline's own YAML config (configs/pipeline.yaml, configs/demo/pipeline.yaml).
+
+It names the data set, the three radiologist configs and their pseudo-label thresholds, the
+pseudo-labelling mode and the final config; the training configs themselves are Detectron2
+YAML files. ``KEY=VALUE`` overrides address nested keys with dots
+(``pseudolabel.mode=consensus``, ``radiologists.0.threshold=0.8``); values are read as YAML.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from d2ct.errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "output_dir": "output/pipeline",
+    "num_gpus": 1,
+    "data": {
+        "name": "phantom",
+        "root": None,
+        "phantom": None,  # {n_train, n_labelled, n_test, size, seed}: generate the data set first
+        "val_fraction": 0.2,
+        "split_seed": 0,
+        "eval_split": "auto",  # test (needs test labels), val, or auto: test when labelled, else val
+    },
+    "baseline": {"enabled": True, "preset": "clahe_tv", "workers": 2},
+    "radiologists": [],
+    "pseudolabel": {
+        "mode": "partition",
+        "min_area": 10,
+        "seed": 0,
+        "rounds": 1,
+        "flip_tta": False,
+        "batch_size": 4,
+        "limit": 0,
+        "min_votes": 2,
+        "single_model_score": 0.9,
+    },
+    "final": {"config": None, "threshold": 0.7},
+    "predict": {"flip_tta": False, "score_threshold": 0.5, "min_area": 5, "fallback_top_k": 3, "batch_size": 4},
+    "report": {"overlays": 6},
+    "opts": [],  # KEY VALUE overrides applied to every training config
+}
+
+STAGES = ("data", "baseline", "radiologists", "pseudolabel", "final", "predict", "evaluate", "report")
+
+
+def _merge(base: dict, update: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in base:
+            raise ConfigError(f"unknown pipeline key {where + key!r} (known: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _set(cfg: dict, dotted: str, value: Any) -> None:
+    node: Any = cfg
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            try:
+                node = node[int(part)]
+            except (ValueError, IndexError):
+                raise ConfigError(f"override {dotted!r}: {part!r} is not an index of the list") from None
+        elif isinstance(node, dict) and part in node and node[part] is not None:
+            node = node[part]
+        elif isinstance(node, dict) and part in node:
+            node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"override {dotted!r}: unknown key {part!r}")
+    last = parts[-1]
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (ValueError, IndexError):
+            raise ConfigError(f"override {dotted!r}: {last!r} is not an index of the list") from None
+    elif isinstance(node, dict) and (last in node or node is not cfg):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {dotted!r}: unknown key {last!r}")
+
+
+def load_pipeline_config(path: str | None, overrides: Sequence[str] = ()) -> dict:
+    """Defaults <- YAML file <- KEY=VALUE overrides; validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"pipeline config not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        cfg = _merge(cfg, data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        _set(cfg, key.strip(), yaml.safe_load(raw))
+    validate(cfg, path or "<defaults>")
+    return cfg
+
+
+def validate(cfg: dict, source: str) -> None:
+    data = cfg["data"]
+    if not data.get("root"):
+        raise ConfigError(f"{source}: data.root is required (the data set folder)")
+    if data["eval_split"] not in ("auto", "test", "val"):
+        raise ConfigError(f"{source}: data.eval_split must be auto, test or val, got {data['eval_split']!r}")
+    rads = cfg["radiologists"]
+    if not rads:
+        raise ConfigError(f"{source}: radiologists: give at least one {{name, config, threshold}}")
+    names = set()
+    for i, r in enumerate(rads):
+        if not isinstance(r, dict) or "config" not in r:
+            raise ConfigError(f"{source}: radiologists[{i}] needs a 'config'")
+        r.setdefault("name", Path(r["config"]).stem.replace("radiologist_", ""))
+        r.setdefault("threshold", 0.7)
+        if r["name"] in names:
+            raise ConfigError(f"{source}: two radiologists are named {r['name']!r}")
+        names.add(r["name"])
+        if not Path(r["config"]).exists():
+            raise ConfigError(f"{source}: radiologists[{i}].config {r['config']} does not exist")
+    if not cfg["final"].get("config") or not Path(cfg["final"]["config"]).exists():
+        raise ConfigError(f"{source}: final.config {cfg['final'].get('config')!r} does not exist")
+    if cfg["pseudolabel"]["mode"] not in ("partition", "consensus"):
+        raise ConfigError(f"{source}: pseudolabel.mode must be partition or consensus")
+    if int(cfg["pseudolabel"]["rounds"]) < 1:
+        raise ConfigError(f"{source}: pseudolabel.rounds must be at least 1")
+    opts = cfg["opts"]
+    if not isinstance(opts, list) or len(opts) % 2:
+        raise ConfigError(f"{source}: opts must be a list of KEY, VALUE pairs")

@@ -1,0 +1,155 @@
+"""The pipeline report: one markdown file with the score table, training curves, the per-image
+ARI histogram, pseudo-label statistics and overlays of the best and worst slices."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from d2ct.utils.fileio import atomic_write_text, read_json
+
+COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth foreground)"), ("Dice", "Dice"),
+           ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50")]
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def score_table(table: list[dict]) -> str:
+    lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for row in table:
+        lines.append(f"| {row['model']} | " + " | ".join(_fmt(row.get(key)) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _training_rows(pipeline) -> list[str]:
+    rows = ["| model | config | iterations | best val mask AP (iteration) | training time |", "|---|---|---|---|---|"]
+    for name, model_dir in pipeline.models():
+        best = model_dir / "model_best.json"
+        metrics = model_dir / "metrics.json"
+        iters, seconds = "-", "-"
+        if metrics.exists():
+            lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+            import json
+
+            its = [json.loads(ln).get("iteration", 0) for ln in lines if ln.startswith("{")]
+            iters = str(max(its) + 1) if its else "-"
+        log = model_dir / "log.txt"
+        if log.exists():
+            for line in log.read_text().splitlines():
+                if "Total training time" in line:
+                    seconds = line.split("Total training time:")[1].split("(")[0].strip()
+        cfg = ""
+        if (model_dir / "config.yaml").exists():
+            import yaml
+
+            cfg = (yaml.safe_load((model_dir / "config.yaml").read_text()) or {}).get("D2CT", {}).get("ROLE", "")
+        best_text = "-"
+        if best.exists():
+            b = read_json(best)
+            best_text = f"{b['value']:.2f} ({b['iteration'] + 1})"
+        rows.append(f"| {name} | {cfg} | {iters} | {best_text} | {seconds} |")
+    return rows
+
+
+def _best_worst_overlays(pipeline, out: Path, n: int) -> str | None:
+    from d2ct.data.labels_csv import read_labels_csv
+    from d2ct.visualization.overlay import comparison_grid
+
+    per_image = pipeline.out / "evaluate" / "final" / "per_image.csv"
+    if not per_image.exists() or n <= 0:
+        return None
+    df = pd.read_csv(per_image).dropna(subset=["ARI"]).sort_values("ARI")
+    if df.empty:
+        return None
+    folder, names, truth_of = pipeline.eval_images()
+    pred = read_labels_csv(pipeline.out / "predict" / "final.csv")
+    shape = truth_of(names[0]).shape
+    chosen = list(df.tail(n)["name"])[::-1] + list(df.head(n)["name"])
+    chosen = list(dict.fromkeys(chosen))
+    ari = dict(zip(df["name"], df["ARI"]))
+    rows = [(folder / name, pred.label_map(name, shape), truth_of(name), f"{name}: ARI {ari[name]:.3f}")
+            for name in chosen]
+    comparison_grid(rows, out / "best_worst.png", title=f"final model: best {n} (top) and worst {n} slices by ARI")
+    return "best_worst.png"
+
+
+def write_pipeline_report(pipeline) -> Path:
+    out = pipeline.out / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    table = read_json(pipeline.out / "evaluate" / "table.json")
+    summary = read_json(pipeline.out / "data" / "summary.json")
+    lines = [
+        f"# d2ct pipeline report: {pipeline.name}",
+        "",
+        f"Data: `{summary['root']}` ({summary['shape'][0]}x{summary['shape'][1]} px); evaluated on the "
+        f"**{summary['eval_split']}** split ({summary['splits'].get(summary['eval_split'], {}).get('images', '?')} "
+        "slices). Splits: " + ", ".join(f"{k} {v['images']}" for k, v in summary["splits"].items()) + ".",
+        "",
+        "## Scores",
+        "",
+        score_table(table),
+        "",
+        "ARI: the organisers' sample-wise adjusted Rand index over all pixels (background included), and the "
+        "variant of the written rules (pixels that are background in the truth excluded). Dice: one-to-one "
+        "matching of structures by IoU. Mask AP: class-agnostic COCO AP of the scored instances (baseline: "
+        "every region scored 1).",
+        "",
+        "## Training",
+        "",
+        *_training_rows(pipeline),
+        "",
+    ]
+    for name, model_dir in pipeline.models():
+        curves = model_dir / "training_curves.png"
+        if curves.exists():
+            shutil.copyfile(curves, out / f"curves_{name}.png")
+            lines += [f"### {name}", "", f"![training curves of {name}](curves_{name}.png)", ""]
+    stats_path = pipeline.pseudolabel_dir(1) / "stats.json"
+    if stats_path.exists():
+        lines += ["## Pseudo-labels", "", (pipeline.pseudolabel_dir(1) / "report.md").read_text().split("\n", 2)[2]
+                  .replace("](", f"](../{pipeline.pseudolabel_dir(1).name}/"), ""]
+    hist = pipeline.out / "evaluate" / "final" / "ari_hist.png"
+    if hist.exists():
+        shutil.copyfile(hist, out / "ari_hist_final.png")
+        lines += ["## Per-image ARI of the final model", "", "![ARI histogram](ari_hist_final.png)", ""]
+    overlays = _best_worst_overlays(pipeline, out, int(pipeline.cfg["report"]["overlays"]) // 2 or 1)
+    if overlays:
+        lines += ["## Best and worst slices (final model)", "", f"![best and worst]({overlays})", ""]
+    timing = [f"| {stage} | {seconds:.0f} s |" for stage, seconds in pipeline.timings.items()]
+    lines += ["## Time per stage", "", "| stage | time |", "|---|---|", *timing, "",
+              f"Device: {_device()}", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _device() -> str:
+    import os
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU ({cpu}, {os.cpu_count()} cores)"
+
+
+def print_table(pipeline) -> str:
+    table = read_json(pipeline.out / "evaluate" / "table.json")
+    return score_table(table)
+
+
+__all__ = ["write_pipeline_report", "score_table", "print_table"]

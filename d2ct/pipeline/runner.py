@@ -1,0 +1,383 @@
+"""The whole method as resumable stages.
+
+data -> baseline -> radiologists -> pseudolabel -> final -> predict -> evaluate -> report
+
+Each stage writes into its own folder under ``output_dir`` and records a marker in
+``output_dir/stages/<stage>.json`` (with a fingerprint of the settings it ran with) once its
+outputs are complete; a stage whose marker matches is skipped, so a killed run resumes where it
+stopped (training stages also resume inside a model from its last checkpoint). ``from_stage``
+re-runs a stage and everything after it.
+
+Training, pseudo-labelling and prediction run the command-line tools as subprocesses with
+``--num-gpus``: the same commands a user would type, each in a clean process, on one or
+several GPUs (or CPU processes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from d2ct.errors import D2CTError
+from d2ct.utils.fileio import atomic_write_json, atomic_write_text, read_json
+
+from .config import STAGES
+
+logger = logging.getLogger("d2ct.pipeline")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TOOLS = PROJECT_ROOT / "tools"
+
+
+class StageError(D2CTError):
+    pass
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    def __init__(self, cfg: dict, config_path: str | None = None, python: str = sys.executable):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.python = python
+        self.out = Path(cfg["output_dir"])
+        self.data_root = Path(cfg["data"]["root"])
+        self.name = cfg["data"]["name"]
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # bookkeeping
+    # ------------------------------------------------------------------------------------------
+    def _marker(self, stage: str) -> Path:
+        return self.out / "stages" / f"{stage}.json"
+
+    def _stage_settings(self, stage: str) -> dict:
+        c = self.cfg
+        upstream = {
+            "data": {"data": c["data"]},
+            "baseline": {"baseline": c["baseline"]},
+            "radiologists": {"radiologists": c["radiologists"], "opts": c["opts"]},
+            "pseudolabel": {"pseudolabel": c["pseudolabel"], "thresholds": [r["threshold"] for r in c["radiologists"]]},
+            "final": {"final": c["final"], "opts": c["opts"], "rounds": c["pseudolabel"]["rounds"]},
+            "predict": {"predict": c["predict"]},
+            "evaluate": {},
+            "report": {"report": c["report"]},
+        }
+        # a stage depends on its own settings and on every earlier stage's
+        settings = {}
+        for s in STAGES:
+            settings[s] = upstream[s]
+            if s == stage:
+                break
+        return settings
+
+    def is_done(self, stage: str) -> bool:
+        marker = self._marker(stage)
+        if not marker.exists():
+            return False
+        try:
+            return read_json(marker).get("fingerprint") == _fingerprint(self._stage_settings(stage))
+        except ValueError:
+            return False
+
+    def _mark_done(self, stage: str, seconds: float, outputs: dict) -> None:
+        atomic_write_json(self._marker(stage), {
+            "stage": stage, "fingerprint": _fingerprint(self._stage_settings(stage)), "seconds": round(seconds, 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs": outputs,
+        })
+
+    def stage_dirs(self, stage: str) -> list[Path]:
+        if stage == "radiologists":
+            return [self.out / "radiologists"]
+        if stage == "pseudolabel":
+            return sorted(self.out.glob("pseudolabels*"))
+        if stage == "final":
+            return sorted(self.out.glob("final*"))
+        return [self.out / stage] if stage not in ("data",) else [self.out / "data"]
+
+    def reset_from(self, stage: str) -> None:
+        """Forget ``stage`` and every later stage: markers and their output folders."""
+        for s in STAGES[STAGES.index(stage):]:
+            self._marker(s).unlink(missing_ok=True)
+            for d in self.stage_dirs(s):
+                if d.exists() and d.resolve() != self.data_root.resolve():
+                    logger.info("--from %s: removing %s", stage, d)
+                    shutil.rmtree(d)
+
+    def _run_tool(self, tool: str, args: list, log_name: str) -> None:
+        cmd = [self.python, str(TOOLS / tool), *[str(a) for a in args]]
+        log_path = self.out / "logs" / f"{log_name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("$ %s", " ".join(cmd))
+        with open(log_path, "a") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+        if proc.returncode != 0:
+            tail = "".join(open(log_path).readlines()[-25:])
+            raise StageError(f"{tool} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
+
+    # ------------------------------------------------------------------------------------------
+    # data
+    # ------------------------------------------------------------------------------------------
+    def dataset(self):
+        from d2ct.data.challenge import ChallengeDataset
+
+        return ChallengeDataset.open(self.data_root)
+
+    def eval_split(self) -> str:
+        wanted = self.cfg["data"]["eval_split"]
+        if wanted != "auto":
+            return wanted
+        test = self.dataset().test_split()
+        return "test" if test is not None and test.labels_path is not None else "val"
+
+    def eval_images(self) -> tuple[Path, list[str], Callable[[str], np.ndarray | None]]:
+        """(image folder, names, truth label map by name) of the split the pipeline scores."""
+        from d2ct.data.register import split_names
+
+        data = self.cfg["data"]
+        ds, names = split_names(self.dataset(), self.eval_split(), val_fraction=data["val_fraction"],
+                                seed=data["split_seed"])
+        if ds is None or not names:
+            raise StageError(f"{self.data_root}: the {self.eval_split()} split is empty")
+        return ds.image_dir, names, ds.label_map
+
+    def stage_data(self) -> dict:
+        from d2ct.data.coco import dataset_dicts, to_coco_json
+        from d2ct.data.register import split_names
+
+        data = self.cfg["data"]
+        if data.get("phantom"):
+            from d2ct.data.phantom import write_phantom_dataset
+
+            write_phantom_dataset(self.data_root, **data["phantom"])
+        ds = self.dataset()
+        out = self.out / "data"
+        counts = {}
+        for split in ("train", "val", "unlabelled", "test"):
+            split_ds, names = split_names(ds, split, val_fraction=data["val_fraction"], seed=data["split_seed"])
+            if split_ds is None or not names:
+                continue
+            with_annotations = split != "unlabelled" and split_ds.labels_path is not None
+            dicts = dataset_dicts(split_ds, names, with_annotations=with_annotations)
+            atomic_write_json(out / f"{self.name}_{split}.json",
+                              to_coco_json(dicts, description=f"{self.name} {split}"), indent=None)
+            counts[split] = {"images": len(names), "instances": sum(len(d.get("annotations", [])) for d in dicts)}
+        from d2ct.visualization.overlay import overlay_grid
+
+        preview = [(ds.image_path(n), ds.label_map(n), n) for n in ds.labelled_names[:8]]
+        overlay_grid(preview, out / "preview.png", title=f"{self.name}: labelled slices")
+        atomic_write_json(out / "summary.json", {"root": str(self.data_root), "shape": list(ds.shape),
+                                                 "eval_split": self.eval_split(), "splits": counts})
+        return {"summary": str(out / "summary.json"), "splits": counts}
+
+    # ------------------------------------------------------------------------------------------
+    # classical baseline
+    # ------------------------------------------------------------------------------------------
+    def stage_baseline(self) -> dict:
+        from d2ct.baseline.watershed import run_baseline
+
+        b = self.cfg["baseline"]
+        if not b["enabled"]:
+            return {"skipped": True}
+        folder, names, _ = self.eval_images()
+        out = self.out / "baseline"
+        run_baseline(folder, out / "predictions.csv", b["preset"], names=names, workers=int(b["workers"]))
+        return {"predictions": str(out / "predictions.csv")}
+
+    # ------------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------------
+    def _train_opts(self, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None) -> list[str]:
+        data = self.cfg["data"]
+        opts = [
+            "OUTPUT_DIR", str(output_dir),
+            "D2CT.DATA_NAME", self.name,
+            "D2CT.DATA_ROOT", str(self.data_root),
+            "D2CT.VAL_FRACTION", str(data["val_fraction"]),
+            "D2CT.SPLIT_SEED", str(data["split_seed"]),
+            "DATASETS.TRAIN", "(" + "".join(f"'{s}'," for s in train_sets) + ")",
+            "DATASETS.TEST", f"('{self.name}_val',)",
+            "D2CT.PSEUDO_LABELS", json.dumps(pseudo or []),
+        ]
+        return opts + [str(o) for o in self.cfg["opts"]]
+
+    def train(self, config: str, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None) -> Path:
+        """Train one model (resuming a killed run); skipped when model_final.pth exists."""
+        if (output_dir / "model_final.pth").exists():
+            logger.info("%s: already trained", output_dir)
+            return output_dir
+        self._run_tool("train_net.py", ["--config", config, "--num-gpus", self.cfg["num_gpus"], "--resume",
+                                        *self._train_opts(output_dir, train_sets, pseudo)], output_dir.name)
+        return output_dir
+
+    def radiologist_dirs(self) -> list[Path]:
+        return [self.out / "radiologists" / r["name"] for r in self.cfg["radiologists"]]
+
+    def stage_radiologists(self) -> dict:
+        outputs = {}
+        for r, out in zip(self.cfg["radiologists"], self.radiologist_dirs()):
+            self.train(r["config"], out, [f"{self.name}_train"])
+            outputs[r["name"]] = str(out)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------
+    # pseudo-labels and the final model (round 1: the radiologists teach; round k: final k-1)
+    # ------------------------------------------------------------------------------------------
+    def pseudolabel_dir(self, round_: int) -> Path:
+        return self.out / ("pseudolabels" if round_ == 1 else f"pseudolabels_r{round_}")
+
+    def final_dir(self, round_: int) -> Path:
+        return self.out / ("final" if round_ == 1 else f"final_r{round_}")
+
+    def _pseudolabel(self, round_: int) -> Path:
+        p = self.cfg["pseudolabel"]
+        out = self.pseudolabel_dir(round_)
+        if (out / "pseudo_labels.json").exists() and (out / "stats.json").exists():
+            return out
+        if round_ == 1:
+            models = [str(d) for d in self.radiologist_dirs()]
+            thresholds = [r["threshold"] for r in self.cfg["radiologists"]]
+            mode = p["mode"]
+        else:
+            models = [str(self.final_dir(round_ - 1))]
+            thresholds = [self.cfg["final"]["threshold"]]
+            mode = "partition"  # one teacher: it labels the whole pool
+        args = ["--models", *models, "--thresholds", *thresholds, "--mode", mode, "--data", self.data_root,
+                "--out", out, "--min-area", p["min_area"], "--seed", p["seed"], "--batch-size", p["batch_size"],
+                "--num-gpus", self.cfg["num_gpus"], "--min-votes", p["min_votes"],
+                "--single-model-score", p["single_model_score"]]
+        if p["flip_tta"]:
+            args.append("--flip-tta")
+        if p["limit"]:
+            args += ["--limit", p["limit"]]
+        self._run_tool("pseudolabel.py", args, out.name)
+        return out
+
+    def stage_pseudolabel(self) -> dict:
+        out = self._pseudolabel(1)
+        return {"pseudo_labels": str(out / "pseudo_labels.json"), "stats": read_json(out / "stats.json")}
+
+    def stage_final(self) -> dict:
+        outputs = {}
+        for round_ in range(1, int(self.cfg["pseudolabel"]["rounds"]) + 1):
+            folder = self._pseudolabel(round_)
+            if read_json(folder / "stats.json")["labelled_images"] == 0:
+                logger.warning("round %d: no pool image kept a pseudo-label above the thresholds; the final "
+                               "model trains on the labelled images only", round_)
+                out = self.train(self.cfg["final"]["config"], self.final_dir(round_), [f"{self.name}_train"])
+            else:
+                out = self.train(self.cfg["final"]["config"], self.final_dir(round_),
+                                 [f"{self.name}_train", f"{self.name}_pseudo"], [str(folder / "pseudo_labels.json")])
+            outputs[f"round{round_}"] = str(out)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------
+    # predictions of every model on the evaluation split
+    # ------------------------------------------------------------------------------------------
+    def models(self) -> list[tuple[str, Path]]:
+        models = [(r["name"], d) for r, d in zip(self.cfg["radiologists"], self.radiologist_dirs())]
+        rounds = int(self.cfg["pseudolabel"]["rounds"])
+        for round_ in range(1, rounds + 1):
+            models.append(("final" if round_ == rounds else f"final_r{round_}", self.final_dir(round_)))
+        return models
+
+    def stage_predict(self) -> dict:
+        pr = self.cfg["predict"]
+        folder, names, _ = self.eval_images()
+        out = self.out / "predict"
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "images.txt", "\n".join(names) + "\n")
+        outputs = {}
+        for name, model_dir in self.models():
+            csv = out / f"{name}.csv"
+            instances = out / f"{name}_instances.json"
+            if not (csv.exists() and instances.exists()):
+                args = ["--model", model_dir, "--input", folder, "--list", out / "images.txt", "--out", csv,
+                        "--instances", instances, "--threshold", pr["score_threshold"], "--min-area", pr["min_area"],
+                        "--fallback-top-k", pr["fallback_top_k"], "--batch-size", pr["batch_size"],
+                        "--num-gpus", self.cfg["num_gpus"]]
+                if pr["flip_tta"]:
+                    args.append("--flip-tta")
+                self._run_tool("predict.py", args, f"predict_{name}")
+            outputs[name] = str(csv)
+        final_csv = out / "final.csv"
+        submission = self.out / "submission.csv"
+        shutil.copyfile(final_csv, str(submission) + ".tmp")
+        os.replace(str(submission) + ".tmp", submission)
+        outputs["submission"] = str(submission)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------
+    # scores
+    # ------------------------------------------------------------------------------------------
+    def stage_evaluate(self) -> dict:
+        from d2ct.data.labels_csv import read_labels_csv
+        from d2ct.evaluation.coco_ap import coco_ap, label_map_to_rles
+        from d2ct.evaluation.report import evaluate_label_maps, write_report
+        from d2ct.postprocess.submission import load_instances
+
+        _, names, truth_of = self.eval_images()
+        truth = [truth_of(n) for n in names]
+        if any(t is None for t in truth):
+            raise StageError(f"the {self.eval_split()} split has no labels: nothing to evaluate against")
+        shape = truth[0].shape
+        gt_rles = [label_map_to_rles(t)[0] for t in truth]
+        sources = []
+        if self.cfg["baseline"]["enabled"]:
+            sources.append(("baseline", self.out / "baseline" / "predictions.csv", None))
+        for name, _ in self.models():
+            sources.append((name, self.out / "predict" / f"{name}.csv", self.out / "predict" / f"{name}_instances.json"))
+        table = []
+        for name, csv, instances_file in sources:
+            pred = read_labels_csv(csv, expected_pixels=shape[0] * shape[1])
+            maps = [pred.label_map(n, shape) for n in names]
+            result = evaluate_label_maps(names, truth, maps, with_ap=instances_file is None)
+            summary = dict(result.summary)
+            if instances_file is not None:  # mask AP on the scored instances, before flattening
+                inst = load_instances(instances_file)
+                preds = [list(zip(inst[n][0], inst[n][1].tolist())) for n in names]
+                summary.update(coco_ap(gt_rles, preds, [shape] * len(names)))
+            write_report(type(result)(result.per_image, summary), self.out / "evaluate" / name, title=name)
+            table.append({"model": name, **summary})
+        atomic_write_json(self.out / "evaluate" / "table.json", table)
+        return {"table": str(self.out / "evaluate" / "table.json")}
+
+    def stage_report(self) -> dict:
+        from .report import write_pipeline_report
+
+        path = write_pipeline_report(self)
+        return {"report": str(path)}
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, from_stage: str | None = None, until: str | None = None) -> dict:
+        if from_stage:
+            self.reset_from(from_stage)
+        self.out.mkdir(parents=True, exist_ok=True)
+        last = STAGES.index(until) if until else len(STAGES) - 1
+        results = {}
+        for stage in STAGES[: last + 1]:
+            if self.is_done(stage):
+                logger.info("stage %-12s done (skipped)", stage)
+                self.timings[stage] = read_json(self._marker(stage)).get("seconds", 0.0)
+                continue
+            logger.info("stage %-12s running", stage)
+            start = time.time()
+            outputs = getattr(self, f"stage_{stage}")()
+            seconds = time.time() - start
+            self.timings[stage] = seconds
+            self._mark_done(stage, seconds, outputs)
+            logger.info("stage %-12s finished in %.0f s", stage, seconds)
+            results[stage] = outputs
+        return results
