@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import torch
@@ -27,10 +28,14 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, freeze: bool
     """
     cfg = get_d2ct_cfg()
     if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file not found: {config_file}")
         try:
             cfg.merge_from_file(config_file)
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {config_file}") from e
+        except FileNotFoundError as e:  # a _BASE_ that does not exist
+            raise ConfigError(f"{config_file}: {e}") from e
+        except AssertionError as e:
+            raise ConfigError(f"{config_file}: {e}") from e
         except KeyError as e:
             raise ConfigError(f"{config_file}: unknown config key {e}") from e
     if opts:

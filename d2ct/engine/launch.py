@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -44,7 +45,9 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
         if num_machines != 1:
             raise ValueError("dist_url='auto' only works on one machine; pass --dist-url tcp://HOST:PORT")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
-    logger.info("No CUDA GPU: launching %d CPU processes per machine with the gloo backend", num_gpus_per_machine)
+    # logging is not configured yet in the launching process: say it plainly
+    print(f"[d2ct] no CUDA GPU: launching {num_gpus_per_machine} CPU processes per machine (gloo backend)",
+          file=sys.stderr, flush=True)
     mp.start_processes(
         _cpu_worker,
         nprocs=num_gpus_per_machine,

@@ -7,6 +7,8 @@ import os
 
 from detectron2.engine import default_argument_parser as d2_argument_parser
 from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from d2ct.config import setup_cfg
 
@@ -53,6 +55,8 @@ def setup(args, *, register: bool = True, check_weights: bool = True):
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     default_setup(cfg, args)
+    # d2ct's own messages go to the same console and log.txt as Detectron2's
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2ct", abbrev_name="d2ct")
     if register:
         register_datasets_from_cfg(cfg)
     return cfg
