@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", help="labels CSV of the input slices: adds truth to overlays and prints scores")
     p.add_argument("--level", type=float, default=40.0, help="volume input: HU window level")
     p.add_argument("--width", type=float, default=400.0, help="volume input: HU window width")
+    p.add_argument("--size", type=int, default=0,
+                   help="volume input: resample slices to SIZE x SIZE square pixels as the model was trained "
+                        "(e.g. 256), predict, and map the labels back to the volume's grid (0 = native size)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs, or CPU processes)")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
@@ -77,12 +80,21 @@ def main(args):
         from d2ct.data.volumes import load_volume, save_label_volume, window
 
         volume = load_volume(source)
-        slices = window(volume.hu, args.level, args.width)
+        hu, geometry = volume.hu, None
+        if args.size:
+            from d2ct.data.volumes import resample_slices
+
+            hu, geometry = resample_slices(volume.hu, volume.spacing[1:], args.size)
+        slices = window(hu, args.level, args.width)
         named = [(f"slice_{z:04d}", np.repeat(s[:, :, None], 3, axis=2)) for z, s in enumerate(slices)]
         if comm.get_world_size() > 1 and comm.get_rank() > 0:
             return  # volumes are predicted by one process
         preds = [p.compact() for p in predictor.predict_images(named, progress=True, total=len(named))]
         label_maps = label_maps_from_predictions(preds, options)
+        if geometry is not None:
+            from d2ct.data.volumes import restore_slices
+
+            label_maps = restore_slices(label_maps, geometry)
         save_label_volume(label_maps, volume, args.out)
         print(f"{len(named)} slices, {sum(int(m.max()) for m in label_maps)} structures -> {args.out}")
         return

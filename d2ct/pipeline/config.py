@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "opts": [],  # KEY VALUE overrides applied to every training config
 }
 
+RADIOLOGIST_KEYS = ("name", "config", "threshold")
 STAGES = ("data", "baseline", "radiologists", "pseudolabel", "final", "predict", "evaluate", "report")
 
 
@@ -75,17 +76,17 @@ def _set(cfg: dict, dotted: str, value: Any) -> None:
             node[part] = {}
             node = node[part]
         else:
-            raise ConfigError(f"override {dotted!r}: unknown key {part!r}")
+            raise ConfigError(f"unknown pipeline key {dotted!r}")
     last = parts[-1]
     if isinstance(node, list):
         try:
             node[int(last)] = value
         except (ValueError, IndexError):
             raise ConfigError(f"override {dotted!r}: {last!r} is not an index of the list") from None
-    elif isinstance(node, dict) and (last in node or node is not cfg):
+    elif isinstance(node, dict) and (last in node or (node in cfg["radiologists"] and last in RADIOLOGIST_KEYS)):
         node[last] = value
     else:
-        raise ConfigError(f"override {dotted!r}: unknown key {last!r}")
+        raise ConfigError(f"unknown pipeline key {dotted!r}")
 
 
 def load_pipeline_config(path: str | None, overrides: Sequence[str] = ()) -> dict:

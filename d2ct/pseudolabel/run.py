@@ -128,6 +128,9 @@ def pseudo_label_pool(
         raise ConfigError(f"--mode must be one of {MODES}, got {mode!r}")
     if not radiologists:
         raise ConfigError("no radiologists given")
+    model_names = [r.name for r in radiologists]
+    if len(set(model_names)) != len(model_names):
+        raise ConfigError(f"two radiologists share a name ({model_names}): give distinct output folders")
     names = [n for n, _, _ in pool]
     if len(set(names)) != len(names):
         raise ConfigError("the pool lists an image twice")

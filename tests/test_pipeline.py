@@ -1,0 +1,96 @@
+"""The whole method end to end on tiny phantom data, on the CPU: every stage's artefacts, the
+resume behaviour (a finished run is skipped; --from re-runs a stage) and bad pipeline configs."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from d2ct.data.coco import load_coco_dicts
+from d2ct.data.labels_csv import read_labels_csv
+from d2ct.errors import ConfigError
+from d2ct.pipeline.config import STAGES, load_pipeline_config
+
+from .conftest import TINY_OPTS, run_tool
+
+TINY_PIPELINE = [
+    "data.phantom={n_train: 14, n_labelled: 6, n_test: 3, size: 96, seed: 1}",
+    "radiologists.0.threshold=0.0", "radiologists.1.threshold=0.0", "radiologists.2.threshold=0.0",
+    "pseudolabel.min_area=1", "baseline.workers=1",
+    "opts=[" + ", ".join(f"'{o}'" for o in TINY_OPTS + ["TEST.EVAL_PERIOD", "2"]) + "]",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    args = ["--config", "configs/demo/pipeline.yaml", "--set", f"output_dir={out}", f"data.root={out}/data/phantom",
+            *TINY_PIPELINE]
+    start = time.time()
+    proc = run_tool("run_pipeline.py", *args, timeout=1500)
+    return out, args, proc, time.time() - start
+
+
+def test_pipeline_writes_every_artefact(pipeline_run):
+    out, _, proc, _ = pipeline_run
+    for stage in STAGES:
+        assert (out / "stages" / f"{stage}.json").exists(), stage
+    # data: COCO files of every split
+    for split in ("train", "val", "unlabelled", "test"):
+        dicts = load_coco_dicts(out / "data" / f"phantom_{split}.json")
+        assert dicts, split
+        assert all(not d["annotations"] for d in dicts) if split == "unlabelled" else any(d["annotations"] for d in dicts)
+    # three radiologists and the final model, each with checkpoints and validation scores
+    for model in ("radiologists/r50", "radiologists/r101", "radiologists/x101", "final"):
+        for name in ("model_final.pth", "model_best.pth", "model_best.json", "metrics.json", "training_curves.png"):
+            assert (out / model / name).exists(), f"{model}/{name}"
+    stats = json.loads((out / "pseudolabels" / "stats.json").read_text())
+    assert stats["pool_images"] == 8 and len(stats["radiologists"]) == 3
+    assert sum(r["assigned"] for r in stats["radiologists"]) == 8
+    assert abs(sum(r["weight"] for r in stats["radiologists"]) - 1) < 1e-6
+    final_cfg = (out / "final" / "config.yaml").read_text()
+    if stats["labelled_images"]:
+        assert "phantom_pseudo" in final_cfg  # the final model saw the pseudo-labelled images
+    # submission in the challenge layout, readable by the evaluator
+    submission = read_labels_csv(out / "submission.csv")
+    assert submission.names == ["0.png", "1.png", "2.png"] and submission.n_pixels == 96 * 96
+    ev = run_tool("evaluate.py", "--truth", out / "data" / "phantom" / "test-labels.csv.gz",
+                  "--pred", out / "submission.csv")
+    assert "ARI" in ev.stdout
+    table = json.loads((out / "evaluate" / "table.json").read_text())
+    assert [row["model"] for row in table] == ["baseline", "r50", "r101", "x101", "final"]
+    for row in table:
+        assert -1 <= row["ARI"] <= 1 and 0 <= row["Dice"] <= 1
+        assert "AP" in row
+    report = (out / "report" / "report.md").read_text()
+    assert "| baseline |" in report and "| final |" in report and "Pseudo-labels" in report
+    assert (out / "report" / "ari_hist_final.png").exists() and (out / "report" / "best_worst.png").exists()
+    assert "| model | ARI (all pixels)" in proc.stdout  # the table printed at the end
+
+
+def test_finished_pipeline_is_skipped_and_from_reruns_a_stage(pipeline_run):
+    out, args, _, first_seconds = pipeline_run
+    start = time.time()
+    proc = run_tool("run_pipeline.py", *args)
+    assert time.time() - start < min(60, first_seconds / 2)
+    log = proc.stdout + proc.stderr
+    assert all(f"stage {s:<12} done (skipped)" in log for s in STAGES)
+    before = (out / "final" / "model_final.pth").stat().st_mtime
+    proc = run_tool("run_pipeline.py", *args, "--from", "evaluate")
+    log = proc.stdout + proc.stderr
+    assert "stage evaluate     running" in log and "stage predict      done (skipped)" in log
+    assert (out / "final" / "model_final.pth").stat().st_mtime == before
+
+
+def test_pipeline_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown pipeline key 'pseudolabel.nope'"):
+        load_pipeline_config("configs/demo/pipeline.yaml", ["pseudolabel.nope=1"])
+    with pytest.raises(ConfigError, match="pseudolabel.mode"):
+        load_pipeline_config("configs/demo/pipeline.yaml", ["pseudolabel.mode=vote"])
+    bad = tmp_path / "p.yaml"
+    bad.write_text("data: {root: x}\nradiologists: [{config: configs/missing.yaml}]\n")
+    with pytest.raises(ConfigError, match="radiologists\\[0\\].config"):
+        load_pipeline_config(str(bad))
+    proc = run_tool("run_pipeline.py", "--config", str(bad), check=False)
+    assert proc.returncode == 2 and "configs/missing.yaml" in proc.stderr

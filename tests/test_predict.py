@@ -1,0 +1,91 @@
+"""Prediction: flip-TTA fusion, the never-empty fallback, predict.py on slices (CSV readable by the
+evaluator) and on a NIfTI volume (labels back on the volume's own grid)."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from d2ct.data.labels_csv import read_labels_csv
+from d2ct.engine.predictor import InstancePrediction, fuse_views
+from d2ct.postprocess.submission import PostprocessOptions, load_instances, prediction_to_label_map
+
+from .conftest import run_tool
+
+
+def _soft(h, w, y0, y1, x0, x1, value=230):
+    m = np.zeros((h, w), np.uint8)
+    m[y0:y1, x0:x1] = value
+    return m
+
+
+def test_fuse_views_averages_matched_instances_and_halves_lone_ones():
+    a = _soft(20, 20, 0, 10, 0, 10)
+    a_flipped_back = _soft(20, 20, 0, 10, 1, 10)
+    lone = _soft(20, 20, 12, 18, 12, 18)
+    scores, masks = fuse_views([(np.array([0.9, 0.8], np.float32), np.stack([a, lone])),
+                                (np.array([0.7], np.float32), a_flipped_back[None])])
+    assert scores.tolist() == pytest.approx([0.8, 0.4])
+    assert masks[0][0, 0] == 115 and masks[0][0, 5] == 230  # mean of 230 and 0 / of 230 and 230
+    assert (masks[1] == lone).all()
+
+
+def test_fallback_keeps_a_slice_from_staying_empty():
+    masks = np.stack([_soft(16, 16, 0, 6, 0, 6), _soft(16, 16, 8, 14, 8, 14)])
+    pred = InstancePrediction("x.png", 16, 16, np.array([0.3, 0.2], np.float32), masks)
+    strict = PostprocessOptions(score_threshold=0.5, min_area=1, fallback_top_k=0)
+    assert prediction_to_label_map(pred, strict).max() == 0
+    fallback = PostprocessOptions(score_threshold=0.5, min_area=1, fallback_top_k=1)
+    label_map = prediction_to_label_map(pred, fallback)
+    assert label_map.max() == 1 and label_map[:6, :6].all() and not label_map[8:, 8:].any()
+
+
+def test_predict_slices_to_submission_csv(tiny_model, tiny_phantom, tmp_path):
+    out = tmp_path / "sub.csv"
+    proc = run_tool("predict.py", "--model", tiny_model, "--input", tiny_phantom, "--out", out,
+                    "--instances", tmp_path / "inst.json", "--viz", tmp_path / "viz", "--viz-count", "2",
+                    "--truth", tiny_phantom / "test-labels.csv.gz", "--fallback-top-k", "3")
+    assert "3 slices" in proc.stdout and "ARI" in proc.stdout
+    table = read_labels_csv(out)
+    assert table.names == ["0.png", "1.png", "2.png"] and table.n_pixels == 96 * 96
+    header = out.read_text().splitlines()[0]
+    assert header == "pixel,0.png,1.png,2.png"
+    instances = load_instances(tmp_path / "inst.json")
+    assert set(instances) == set(table.names)
+    assert (tmp_path / "viz" / "predictions.png").exists()
+    # the evaluator reads what predict wrote
+    ev = run_tool("evaluate.py", "--truth", tiny_phantom / "test-labels.csv.gz", "--pred", out, "--out", tmp_path / "ev")
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())["summary"]
+    assert summary["n_images"] == 3 and -1.0 <= summary["ARI"] <= 1.0, ev.stdout
+
+
+def test_predict_bad_input_names_the_problem(tiny_model, tmp_path):
+    proc = run_tool("predict.py", "--model", tiny_model, "--input", tmp_path / "nothing", "--out", tmp_path / "x.csv",
+                    check=False)
+    assert proc.returncode == 2 and "nothing" in proc.stderr
+    (tmp_path / "list.txt").write_text("999.png\n")
+    proc = run_tool("predict.py", "--model", tiny_model, "--input", tmp_path, "--out", tmp_path / "x.csv",
+                    "--list", tmp_path / "list.txt", check=False)
+    assert proc.returncode == 2
+
+
+def test_predict_volume_writes_labels_on_the_input_grid(tiny_model, tmp_path):
+    from d2ct.data.phantom import generate_slice
+
+    rng = np.random.default_rng(0)
+    hu = np.stack([generate_slice(rng, 80)[2]["hu"] for _ in range(3)])  # (Z, H, W) display order
+    # store as a NIfTI in RAS order with 1.5 mm pixels: x = columns reversed, y = rows reversed
+    data = np.ascontiguousarray(hu.transpose(2, 1, 0)[::-1, ::-1, :]).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "ct.nii.gz")
+    out = tmp_path / "pred.nii.gz"
+    proc = run_tool("predict.py", "--model", tiny_model, "--input", tmp_path / "ct.nii.gz", "--out", out,
+                    "--size", "96", "--threshold", "0.0", "--min-area", "1")
+    assert "3 slices" in proc.stdout
+    pred = nib.load(out)
+    assert pred.shape == data.shape
+    assert np.allclose(pred.affine, affine)
+    labels = np.asarray(pred.dataobj)
+    assert labels.dtype.kind in "iu" and labels.min() >= 0

@@ -1,0 +1,133 @@
+"""Pseudo-labelling: radiologist weights, pool partition, consensus fusion, overlap resolution,
+and the tool end to end with a really trained (tiny) model, in 1 and 2 CPU processes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from d2ct.data.coco import load_coco_dicts
+from d2ct.errors import ConfigError
+from d2ct.pseudolabel.consensus import consensus_instances
+from d2ct.pseudolabel.radiologists import Radiologist, group_sizes, normalised_weights, partition_pool
+from d2ct.pseudolabel.run import resolve_overlaps
+
+from .conftest import run_tool
+
+
+def test_weights_are_normalised_validation_aps():
+    assert normalised_weights([30.0, 20.0, 50.0]).tolist() == pytest.approx([0.3, 0.2, 0.5])
+    assert normalised_weights([0, 0]).tolist() == [0.5, 0.5]
+    with pytest.raises(ConfigError):
+        normalised_weights([10, -1])
+    with pytest.raises(ConfigError):
+        normalised_weights([])
+
+
+@pytest.mark.parametrize("n,weights", [(10, [0.5, 0.3, 0.2]), (7, [1, 1, 1]), (1000, [0.41, 0.33, 0.26]), (2, [0.9, 0.05, 0.05])])
+def test_group_sizes_are_proportional_and_cover_the_pool(n, weights):
+    sizes = group_sizes(n, weights)
+    assert sum(sizes) == n
+    exact = np.asarray(weights) / np.sum(weights) * n
+    assert np.all(np.abs(np.asarray(sizes) - exact) < 1)
+
+
+def test_partition_is_seeded_disjoint_and_complete():
+    names = [f"{i}.png" for i in range(100)]
+    groups = partition_pool(names, [0.5, 0.3, 0.2], seed=1)
+    assert [len(g) for g in groups] == [50, 30, 20]
+    assert sorted(sum(groups, [])) == sorted(names)
+    assert groups == partition_pool(names, [0.5, 0.3, 0.2], seed=1)
+    assert groups != partition_pool(names, [0.5, 0.3, 0.2], seed=2)
+
+
+def _box(h, w, y0, y1, x0, x1):
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_consensus_keeps_agreed_and_confident_structures_only():
+    a, b, c = _box(20, 20, 0, 8, 0, 8), _box(20, 20, 10, 18, 10, 18), _box(20, 20, 0, 4, 12, 20)
+    a2 = _box(20, 20, 0, 8, 1, 8)  # the same structure, seen slightly differently
+    model1 = (np.array([0.8, 0.6]), np.stack([a, b]))  # b: seen by one model, low score -> dropped
+    model2 = (np.array([0.7, 0.95]), np.stack([a2, c]))  # c: one model but very confident -> kept
+    scores, masks = consensus_instances([model1, model2], [0.6, 0.4], min_votes=2, single_model_score=0.9)
+    assert len(scores) == 2
+    assert scores[0] == pytest.approx(0.95)  # c
+    fused_a = masks[1]
+    assert scores[1] == pytest.approx(0.6 * 0.8 + 0.4 * 0.7)
+    assert fused_a.sum() == a.sum()  # the heavier model's pixels win the weighted vote
+    assert not (masks[:, 10:18, 10:18]).any()
+
+
+def test_consensus_with_three_models_votes_pixels():
+    base = _box(10, 10, 2, 8, 2, 8)
+    extra = base.copy()
+    extra[0, :] = True  # one model adds a row the others do not see
+    preds = [(np.array([0.9]), extra[None]), (np.array([0.8]), base[None]), (np.array([0.7]), base[None])]
+    scores, masks = consensus_instances(preds, [1 / 3] * 3)
+    assert len(scores) == 1 and masks[0].sum() == base.sum()
+
+
+def test_overlaps_are_won_by_the_higher_score():
+    low = _box(10, 10, 0, 6, 0, 6)
+    high = _box(10, 10, 3, 9, 3, 9)
+    anns = resolve_overlaps(np.array([0.6, 0.9]), np.stack([low, high]), threshold=0.5, min_area=1)
+    assert [a["score"] for a in anns] == [0.9, 0.6]
+    assert anns[0]["area"] == 36 and anns[1]["area"] == 36 - 9
+    assert resolve_overlaps(np.array([0.3]), low[None], threshold=0.5, min_area=1) == []
+
+
+def test_radiologist_needs_its_validation_ap(tmp_path, tiny_model):
+    rad = Radiologist.from_output_dir(tiny_model, threshold=0.5)
+    best = json.loads((tiny_model / "model_best.json").read_text())
+    assert rad.ap == pytest.approx(best["scores"]["segm/AP"])
+    assert rad.weights.endswith("model_best.pth")
+    with pytest.raises(ConfigError, match="config.yaml"):
+        Radiologist.from_output_dir(tmp_path)
+
+
+def test_pseudolabel_tool_end_to_end(tiny_model, tiny_phantom, tmp_path):
+    out = tmp_path / "pl"
+    args = ["--models", tiny_model, tiny_model, "--aps", "30", "10", "--thresholds", "0.0", "--data", tiny_phantom,
+            "--out", out, "--min-area", "1", "--seed", "0"]
+    with pytest.raises(AssertionError, match="two radiologists|twice|distinct"):
+        run_tool("pseudolabel.py", *args)  # the same folder twice: names collide
+    proc = run_tool("pseudolabel.py", "--models", tiny_model, "--aps", "30", "--thresholds", "0.0",
+                    "--data", tiny_phantom, "--out", out, "--min-area", "1")
+    assert "pool images pseudo-labelled" in proc.stdout
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["pool_images"] == 8
+    assert stats["labelled_images"] + stats["excluded_images"] == 8
+    dicts = load_coco_dicts(out / "pseudo_labels.json")
+    assert len(dicts) == stats["labelled_images"]
+    assert sum(len(d["annotations"]) for d in dicts) == stats["instances"]
+    for d in dicts:
+        assert d["annotations"], "images without instances are excluded"
+        assert all(0.0 <= a["score"] <= 1.0 for a in d["annotations"])
+    for name in ("report.md", "score_histogram.png", "stats.json", "cache/r50.json"):
+        assert (out / name).exists(), name
+    # a second run reads the cached predictions instead of predicting again
+    again = run_tool("pseudolabel.py", "--models", tiny_model, "--aps", "30", "--thresholds", "0.0",
+                     "--data", tiny_phantom, "--out", out, "--min-area", "1")
+    assert "predictions read from" in again.stdout + again.stderr
+    # a high threshold keeps nothing from an untrained model and says so
+    strict = run_tool("pseudolabel.py", "--models", tiny_model, "--aps", "30", "--thresholds", "1.0",
+                      "--data", tiny_phantom, "--out", tmp_path / "strict")
+    assert "0 of 8 pool images" in strict.stdout
+
+
+def test_two_cpu_processes_give_the_same_pseudo_labels(tiny_model, tiny_phantom, tmp_path):
+    common = ["--models", tiny_model, "--aps", "30", "--thresholds", "0.0", "--data", tiny_phantom, "--min-area", "1"]
+    run_tool("pseudolabel.py", *common, "--out", tmp_path / "one")
+    proc = run_tool("pseudolabel.py", *common, "--out", tmp_path / "two", "--num-gpus", "2")
+    assert "launching 2 CPU processes" in proc.stderr
+    one = json.loads((tmp_path / "one" / "pseudo_labels.json").read_text())
+    two = json.loads((tmp_path / "two" / "pseudo_labels.json").read_text())
+    assert [im["name"] for im in one["images"]] == [im["name"] for im in two["images"]]
+    assert len(one["annotations"]) == len(two["annotations"])
+    for a, b in zip(one["annotations"], two["annotations"]):
+        assert a["image_id"] == b["image_id"] and a["segmentation"] == b["segmentation"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
