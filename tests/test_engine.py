@@ -148,6 +148,14 @@ def test_eval_only_scores_a_checkpoint(tiny_model, tiny_phantom, tmp_path):
     assert "copypaste: Task: segm" in out and "copypaste: Task: ct" in out
 
 
+def _tagged_iteration(out) -> int:
+    """Iteration of the checkpoint that last_checkpoint names (-1 when none yet)."""
+    try:
+        return int((out / "last_checkpoint").read_text().strip().split("_")[1].split(".")[0])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def test_killed_run_resumes_from_last_checkpoint(tiny_phantom, tmp_path):
     out = tmp_path / "resume"
     cmd = [PYTHON, str(ROOT / "tools/train_net.py"), "--config", "configs/demo/radiologist_r50.yaml", *TINY_OPTS,
@@ -156,7 +164,9 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_phantom, tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not (out / "model_0000003.pth").exists():
+        # The checkpoint file appears (renamed into place) just before last_checkpoint names it:
+        # wait for the tag, which is what a resume reads.
+        while _tagged_iteration(out) < 3:
             assert proc.poll() is None, "training ended before the first checkpoints"
             assert time.time() < deadline, "no checkpoint after 5 minutes"
             time.sleep(0.2)
@@ -165,8 +175,8 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_phantom, tmp_path):
         proc.wait()
     assert not (out / "model_final.pth").exists()
     last = (out / "last_checkpoint").read_text().strip()
-    done = int(last.split("_")[1].split(".")[0])
-    assert done >= 3
+    done = _tagged_iteration(out)
+    assert done >= 3 and (out / last).exists()
     run_tool("train_net.py", "--config", "configs/demo/radiologist_r50.yaml", "--resume", *TINY_OPTS,
              "SOLVER.MAX_ITER", str(done + 3), "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()",
              "D2CT.DATA_ROOT", tiny_phantom, "OUTPUT_DIR", out)
