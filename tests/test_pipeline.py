@@ -94,3 +94,21 @@ def test_pipeline_config_errors_name_the_key(tmp_path):
         load_pipeline_config(str(bad))
     proc = run_tool("run_pipeline.py", "--config", str(bad), check=False)
     assert proc.returncode == 2 and "configs/missing.yaml" in proc.stderr
+
+
+def test_per_model_opts_follow_the_shared_ones_and_split_settings_reach_training(tmp_path):
+    from d2ct.pipeline.runner import Pipeline
+
+    cfg = load_pipeline_config("configs/demo/pipeline.yaml", [
+        f"output_dir={tmp_path}", "opts=['SOLVER.MAX_ITER', '50']", "data.group_by=patient",
+        "radiologists.1.opts=['SOLVER.MAX_ITER', '70']", "final.opts=['SOLVER.BASE_LR', '0.001']"])
+    pipe = Pipeline(cfg)
+    r101 = pipe._train_opts(tmp_path / "r101", ["phantom_train"], model_opts=cfg["radiologists"][1]["opts"])
+    # the model's own override comes last, so it wins over the shared one
+    assert r101[-4:] == ["SOLVER.MAX_ITER", "50", "SOLVER.MAX_ITER", "70"]
+    assert r101[r101.index("D2CT.SPLIT_GROUP_BY") + 1] == "patient"
+    assert cfg["radiologists"][0]["opts"] == [] and cfg["final"]["opts"] == ["SOLVER.BASE_LR", "0.001"]
+    with pytest.raises(ConfigError, match=r"radiologists\[2\].opts must be a list of KEY, VALUE pairs"):
+        load_pipeline_config("configs/demo/pipeline.yaml", ["radiologists.2.opts=['SOLVER.MAX_ITER']"])
+    with pytest.raises(ConfigError, match="final.opts must be a list"):
+        load_pipeline_config("configs/demo/pipeline.yaml", ["final.opts=3"])

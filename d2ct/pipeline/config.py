@@ -24,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
         "phantom": None,  # {n_train, n_labelled, n_test, size, seed}: generate the data set first
         "val_fraction": 0.2,
         "split_seed": 0,
+        "group_by": None,  # a manifest column (e.g. patient) kept whole on one side of the train/val split
+        "manifest": None,  # default <root>/manifest.csv
         "eval_split": "auto",  # test (needs test labels), val, or auto: test when labelled, else val
     },
     "baseline": {"enabled": True, "preset": "clahe_tv", "workers": 2},
@@ -39,13 +41,13 @@ DEFAULTS: dict[str, Any] = {
         "min_votes": 2,
         "single_model_score": 0.9,
     },
-    "final": {"config": None, "threshold": 0.7},
+    "final": {"config": None, "threshold": 0.7, "opts": []},
     "predict": {"flip_tta": False, "score_threshold": 0.5, "min_area": 5, "fallback_top_k": 3, "batch_size": 4},
     "report": {"overlays": 6},
-    "opts": [],  # KEY VALUE overrides applied to every training config
+    "opts": [],  # KEY VALUE overrides applied to every training config (before each model's own opts)
 }
 
-RADIOLOGIST_KEYS = ("name", "config", "threshold")
+RADIOLOGIST_KEYS = ("name", "config", "threshold", "opts")
 STAGES = ("data", "baseline", "radiologists", "pseudolabel", "final", "predict", "evaluate", "report")
 
 
@@ -127,6 +129,9 @@ def validate(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: radiologists[{i}] needs a 'config'")
         r.setdefault("name", Path(r["config"]).stem.replace("radiologist_", ""))
         r.setdefault("threshold", 0.7)
+        r.setdefault("opts", [])
+        if not isinstance(r["opts"], list) or len(r["opts"]) % 2:
+            raise ConfigError(f"{source}: radiologists[{i}].opts must be a list of KEY, VALUE pairs")
         if r["name"] in names:
             raise ConfigError(f"{source}: two radiologists are named {r['name']!r}")
         names.add(r["name"])
@@ -138,6 +143,6 @@ def validate(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: pseudolabel.mode must be partition or consensus")
     if int(cfg["pseudolabel"]["rounds"]) < 1:
         raise ConfigError(f"{source}: pseudolabel.rounds must be at least 1")
-    opts = cfg["opts"]
-    if not isinstance(opts, list) or len(opts) % 2:
-        raise ConfigError(f"{source}: opts must be a list of KEY, VALUE pairs")
+    for key, opts in (("opts", cfg["opts"]), ("final.opts", cfg["final"]["opts"])):
+        if not isinstance(opts, list) or len(opts) % 2:
+            raise ConfigError(f"{source}: {key} must be a list of KEY, VALUE pairs")

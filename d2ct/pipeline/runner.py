@@ -142,13 +142,17 @@ class Pipeline:
         test = self.dataset().test_split()
         return "test" if test is not None and test.labels_path is not None else "val"
 
+    def _split_options(self) -> dict:
+        data = self.cfg["data"]
+        return {"val_fraction": data["val_fraction"], "seed": data["split_seed"],
+                "group_by": data.get("group_by") or None, "manifest": data.get("manifest") or None}
+
     def eval_images(self) -> tuple[Path, list[str], Callable[[str], np.ndarray | None]]:
         """(image folder, names, truth label map by name) of the split the pipeline scores."""
         from d2ct.data.register import split_names
 
         data = self.cfg["data"]
-        ds, names = split_names(self.dataset(), self.eval_split(), val_fraction=data["val_fraction"],
-                                seed=data["split_seed"])
+        ds, names = split_names(self.dataset(), self.eval_split(), **self._split_options())
         if ds is None or not names:
             raise StageError(f"{self.data_root}: the {self.eval_split()} split is empty")
         return ds.image_dir, names, ds.label_map
@@ -166,7 +170,7 @@ class Pipeline:
         out = self.out / "data"
         counts = {}
         for split in ("train", "val", "unlabelled", "test"):
-            split_ds, names = split_names(ds, split, val_fraction=data["val_fraction"], seed=data["split_seed"])
+            split_ds, names = split_names(ds, split, **self._split_options())
             if split_ds is None or not names:
                 continue
             with_annotations = split != "unlabelled" and split_ds.labels_path is not None
@@ -199,7 +203,8 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------
-    def _train_opts(self, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None) -> list[str]:
+    def _train_opts(self, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None,
+                    model_opts: list | None = None) -> list[str]:
         data = self.cfg["data"]
         opts = [
             "OUTPUT_DIR", str(output_dir),
@@ -207,19 +212,22 @@ class Pipeline:
             "D2CT.DATA_ROOT", str(self.data_root),
             "D2CT.VAL_FRACTION", str(data["val_fraction"]),
             "D2CT.SPLIT_SEED", str(data["split_seed"]),
+            "D2CT.SPLIT_GROUP_BY", str(data.get("group_by") or ""),
+            "D2CT.MANIFEST", str(data.get("manifest") or ""),
             "DATASETS.TRAIN", "(" + "".join(f"'{s}'," for s in train_sets) + ")",
             "DATASETS.TEST", f"('{self.name}_val',)",
             "D2CT.PSEUDO_LABELS", json.dumps(pseudo or []),
         ]
-        return opts + [str(o) for o in self.cfg["opts"]]
+        return opts + [str(o) for o in self.cfg["opts"]] + [str(o) for o in (model_opts or [])]
 
-    def train(self, config: str, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None) -> Path:
+    def train(self, config: str, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None,
+              model_opts: list | None = None) -> Path:
         """Train one model (resuming a killed run); skipped when model_final.pth exists."""
         if (output_dir / "model_final.pth").exists():
             logger.info("%s: already trained", output_dir)
             return output_dir
         self._run_tool("train_net.py", ["--config", config, "--num-gpus", self.cfg["num_gpus"], "--resume",
-                                        *self._train_opts(output_dir, train_sets, pseudo)], output_dir.name)
+                                        *self._train_opts(output_dir, train_sets, pseudo, model_opts)], output_dir.name)
         return output_dir
 
     def radiologist_dirs(self) -> list[Path]:
@@ -228,7 +236,7 @@ class Pipeline:
     def stage_radiologists(self) -> dict:
         outputs = {}
         for r, out in zip(self.cfg["radiologists"], self.radiologist_dirs()):
-            self.train(r["config"], out, [f"{self.name}_train"])
+            self.train(r["config"], out, [f"{self.name}_train"], model_opts=r["opts"])
             outputs[r["name"]] = str(out)
         return outputs
 
@@ -276,10 +284,12 @@ class Pipeline:
             if read_json(folder / "stats.json")["labelled_images"] == 0:
                 logger.warning("round %d: no pool image kept a pseudo-label above the thresholds; the final "
                                "model trains on the labelled images only", round_)
-                out = self.train(self.cfg["final"]["config"], self.final_dir(round_), [f"{self.name}_train"])
+                out = self.train(self.cfg["final"]["config"], self.final_dir(round_), [f"{self.name}_train"],
+                                 model_opts=self.cfg["final"]["opts"])
             else:
                 out = self.train(self.cfg["final"]["config"], self.final_dir(round_),
-                                 [f"{self.name}_train", f"{self.name}_pseudo"], [str(folder / "pseudo_labels.json")])
+                                 [f"{self.name}_train", f"{self.name}_pseudo"], [str(folder / "pseudo_labels.json")],
+                                 model_opts=self.cfg["final"]["opts"])
             outputs[f"round{round_}"] = str(out)
         return outputs
 
