@@ -322,6 +322,49 @@ def test_split_labelled_duplicates():
         split_labelled(["a.png", "b.png", "a.png"])
 
 
+def test_split_labelled_keeps_groups_whole():
+    names = [f"{i}.png" for i in range(60)]
+    groups = {n: f"pt_{i // 4}" for i, n in enumerate(names)}  # 15 patients, 4 slices each
+    train, val = split_labelled(names, 0.2, seed=5, groups=groups)
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(names)
+    assert {groups[n] for n in train}.isdisjoint({groups[n] for n in val})  # no patient on both sides
+    assert len(val) == 12  # whole groups until at least round(60 * 0.2)
+    assert split_labelled(list(reversed(names)), 0.2, seed=5, groups=groups) == (train, val)
+    assert split_labelled(names, 0.2, seed=6, groups=groups) != (train, val)
+    # uneven groups: val reaches the target with whole groups, train keeps at least one group
+    uneven = {n: ("big" if i < 50 else f"small{i}") for i, n in enumerate(names)}
+    train, val = split_labelled(names, 0.5, seed=0, groups=uneven)
+    assert len(val) >= 30 or "big" not in {uneven[n] for n in val}
+    assert train and {uneven[n] for n in train}.isdisjoint({uneven[n] for n in val})
+    one_group = {n: "same" for n in names}
+    assert split_labelled(names, 0.2, groups=one_group) == (names, [])
+
+
+def test_split_labelled_group_missing():
+    with pytest.raises(DataError, match=r"image 'b\.png' has no group"):
+        split_labelled(["a.png", "b.png"], 0.5, groups={"a.png": "p1"})
+
+
+def test_split_groups_from_manifest(tmp_path):
+    root = tmp_path / "ds"
+    names = [f"{i}.png" for i in range(8)]
+    for n in names:
+        write_slice(root / "train-images" / n, np.zeros((4, 4), np.uint8))
+    write_labels_csv(root / "labels.csv", names, [np.full((4, 4), 1, np.uint8)] * 6 + [np.zeros((4, 4), np.uint8)] * 2)
+    ds = ChallengeDataset.open(root)
+    with pytest.raises(DataError, match=r"manifest\.csv: manifest not found.*'patient'"):
+        ds.split_groups("patient")
+    (root / "manifest.csv").write_text("id,patient\n" + "".join(f"{i},p{i // 2}\n" for i in range(5)))
+    with pytest.raises(DataError, match=r"manifest\.csv: image '5\.png' has no row"):
+        ds.split_groups("patient")
+    with pytest.raises(DataError, match=r"no column 'scanner'"):
+        ds.split_groups("scanner")
+    (root / "manifest.csv").write_text("file,patient\n" + "".join(f"{i}.png,p{i // 2}\n" for i in range(8)))
+    assert ds.split_groups("patient") == {f"{i}.png": f"p{i // 2}" for i in range(6)}  # labelled images only
+    train, val = split_labelled(ds.labelled_names, 0.34, seed=0, groups=ds.split_groups("patient"))
+    assert len(val) == 2 and val[0].split(".")[0] in {"0", "2", "4"}
+
+
 # ---------------------------------------------------------------------------- real data
 REAL = Path("/work/shared/data/real_ct_dev")
 

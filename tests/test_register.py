@@ -116,6 +116,22 @@ def test_every_split_is_registered_and_correct(tiny):
     assert MetadataCatalog.get(registered["test"]).image_root == str(root.resolve() / "test-images")
 
 
+def test_group_by_keeps_patients_on_one_side(tiny):
+    name, root, _ = tiny
+    patient = {f"{i}.png": f"pt{i % 4}" for i in range(N_IMAGES)}
+    (root / "manifest.csv").write_text("file,patient\n" + "".join(f"{n},{p}\n" for n, p in patient.items()))
+    try:
+        registered = register_challenge_dataset(name, root, val_fraction=0.3, seed=1, group_by="patient")
+        train = {d["name"] for d in DatasetCatalog.get(registered["train"])}
+        val = {d["name"] for d in DatasetCatalog.get(registered["val"])}
+        assert train | val == {f"{i}.png" for i in range(N_LABELLED)} and len(val) >= 3
+        assert {patient[n] for n in train}.isdisjoint({patient[n] for n in val})
+        assert MetadataCatalog.get(registered["val"]).split_group_by == "patient"
+    finally:
+        (root / "manifest.csv").unlink()
+        unregister(name)
+
+
 def test_split_components_and_min_area_reach_the_dicts(tiny):
     from scipy import ndimage
 

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="FILE.json", help="COCO JSON to write (atomically)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of labelled images in val (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    parser.add_argument("--group-by", default=None, metavar="COLUMN",
+                        help="keep the groups of this manifest column (e.g. patient) whole in the train/val split")
+    parser.add_argument("--manifest", default=None, help="manifest CSV for --group-by (default: DATASET_DIR/manifest.csv)")
     parser.add_argument("--split-components", action="store_true",
                         help="one instance per connected component instead of per label value")
     parser.add_argument("--min-area", type=int, default=0, metavar="N", help="drop instances below N pixels")
@@ -64,14 +67,15 @@ def main(argv=None) -> int:
         if args.split == "test" and dataset.test_split() is None:
             raise ConfigError(f"--split test: {args.dataset_dir} has no test-images/ folder")
         dicts = split_dicts(
-            dataset, args.split, val_fraction=args.val_fraction, seed=args.seed,
+            dataset, args.split, val_fraction=args.val_fraction, seed=args.seed, group_by=args.group_by,
+            manifest=args.manifest,
             split_components=args.split_components, min_area=args.min_area, workers=args.workers,
             progress=not args.no_progress,
         )
         out = Path(args.out)
         description = (
             f"d2ct: {Path(args.dataset_dir).name} split={args.split} val_fraction={args.val_fraction} "
-            f"seed={args.seed} split_components={args.split_components} min_area={args.min_area}"
+            f"seed={args.seed} group_by={args.group_by} split_components={args.split_components} min_area={args.min_area}"
         )
         coco = to_coco_json(dicts, description=description, image_root=out.resolve().parent if args.relative else None)
         atomic_write_json(out, coco, indent=None)

@@ -13,6 +13,10 @@ def add_d2ct_config(cfg: CN) -> CN:
     _C.D2CT.DATA_ROOT = "datasets/phantom"
     _C.D2CT.VAL_FRACTION = 0.2  # seeded split of the labelled images into train / val
     _C.D2CT.SPLIT_SEED = 0
+    # A manifest column (e.g. "patient") whose groups the train/val split keeps whole, so no patient
+    # has slices on both sides; "" splits image by image. MANIFEST: default <DATA_ROOT>/manifest.csv.
+    _C.D2CT.SPLIT_GROUP_BY = ""
+    _C.D2CT.MANIFEST = ""
     _C.D2CT.SPLIT_COMPONENTS = False  # one instance per connected component instead of per label
     _C.D2CT.MIN_AREA = 0  # instances below this many pixels are dropped from training data
     # Pseudo-labelled sets (COCO JSON written by tools/pseudolabel.py), registered as

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -317,6 +317,16 @@ class ChallengeDataset:
             return None
         return self.labels.label_map(name, self.shape)
 
+    def split_groups(self, column: str, manifest: str | os.PathLike | None = None) -> dict[str, str]:
+        """``{labelled image: group}`` from a manifest column (default manifest: ``<root>/manifest.csv``),
+        for :func:`split_labelled`'s ``groups``."""
+        from d2ct.data.manifest import MANIFEST_FILE, manifest_groups
+
+        path = _resolve(self.root, manifest) if manifest else self.root / MANIFEST_FILE
+        if not path.is_file():
+            raise DataError(f"{path}: manifest not found (needed to group the validation split by {column!r})")
+        return manifest_groups(path, column, self.labelled_names)
+
     def test_split(self) -> "ChallengeDataset | None":
         """``<root>/test-images/`` (with ``test-labels.csv[.gz]`` if present) as a data set, or None."""
         test_dir = self.root / "test-images"
@@ -332,10 +342,17 @@ class ChallengeDataset:
         )
 
 
-def split_labelled(names: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
+def split_labelled(
+    names: Sequence[str], val_fraction: float = 0.2, seed: int = 0, groups: Mapping[str, str] | None = None
+) -> tuple[list[str], list[str]]:
     """Split image names into (train, val): deterministic for a given seed whatever the input order,
     disjoint, each part in natural order. ``round(n * val_fraction)`` go to val, at least one when
-    ``val_fraction > 0`` and at least one stays in train when n >= 2."""
+    ``val_fraction > 0`` and at least one stays in train when n >= 2.
+
+    ``groups`` (image name -> group, e.g. the patient): whole groups go to one side, so no patient
+    has slices in both (slices of one patient look alike; splitting them would flatter the
+    validation scores). Groups are drawn in seeded random order until val holds at least
+    ``round(n * val_fraction)`` images; at least one group stays in train."""
     try:
         frac = float(val_fraction)
     except (TypeError, ValueError):
@@ -353,8 +370,23 @@ def split_labelled(names: Sequence[str], val_fraction: float = 0.2, seed: int = 
     elif n < 2:
         n_val = 0
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    val_idx = set(perm[:n_val].tolist())
-    train = [name for i, name in enumerate(ordered) if i not in val_idx]
-    val = [name for i, name in enumerate(ordered) if i in val_idx]
+    if groups is None:
+        perm = rng.permutation(n)
+        val_set = {ordered[i] for i in perm[:n_val].tolist()}
+    else:
+        missing = [name for name in ordered if name not in groups]
+        if missing:
+            raise DataError(f"split_labelled: image {missing[0]!r} has no group"
+                            + (f" ({len(missing)} such images)" if len(missing) > 1 else ""))
+        members: dict[str, list[str]] = {}
+        for name in ordered:
+            members.setdefault(str(groups[name]), []).append(name)
+        keys = sorted(members, key=natural_key)
+        val_set = set()
+        for i in rng.permutation(len(keys)).tolist()[: max(len(keys) - 1, 0)]:
+            if len(val_set) >= n_val:
+                break
+            val_set.update(members[keys[i]])
+    train = [name for name in ordered if name not in val_set]
+    val = [name for name in ordered if name in val_set]
     return train, val

@@ -63,10 +63,12 @@ _LOCK = threading.RLock()
 # split selection (shared with tools/convert_to_coco.py)
 # --------------------------------------------------------------------------------------------------
 def split_names(
-    dataset: ChallengeDataset, split: str, *, val_fraction: float = 0.2, seed: int = 0
+    dataset: ChallengeDataset, split: str, *, val_fraction: float = 0.2, seed: int = 0,
+    group_by: str | None = None, manifest: str | os.PathLike | None = None,
 ) -> tuple[ChallengeDataset | None, list[str]]:
     """(data set, image names) of ``split`` of an opened data set: ``train`` / ``val`` (seeded split of
-    the labelled images, see :func:`~d2ct.data.challenge.split_labelled`), ``labelled``,
+    the labelled images, see :func:`~d2ct.data.challenge.split_labelled`; with ``group_by``, a
+    manifest column such as ``patient``, whole groups go to one side), ``labelled``,
     ``unlabelled``, ``all`` (every image) or ``test`` (the ``test-images/`` data set; (None, []) when
     there is none)."""
     if split not in SELECTABLE_SPLITS:
@@ -80,7 +82,8 @@ def split_names(
         return dataset, list(dataset.labelled_names)
     if split == "unlabelled":
         return dataset, list(dataset.unlabelled_names)
-    train, val = split_labelled(dataset.labelled_names, val_fraction=val_fraction, seed=seed)
+    groups = dataset.split_groups(group_by, manifest) if group_by else None
+    train, val = split_labelled(dataset.labelled_names, val_fraction=val_fraction, seed=seed, groups=groups)
     return dataset, train if split == "train" else val
 
 
@@ -90,6 +93,8 @@ def split_dicts(
     *,
     val_fraction: float = 0.2,
     seed: int = 0,
+    group_by: str | None = None,
+    manifest: str | os.PathLike | None = None,
     split_components: bool = False,
     min_area: int = 0,
     workers: int | None = None,
@@ -97,7 +102,8 @@ def split_dicts(
 ) -> list[dict]:
     """Detectron2 dicts of one split (see :func:`split_names`). Unlabelled images always get
     ``annotations == []``; test images get annotations only when the test split has labels."""
-    ds, names = split_names(dataset, split, val_fraction=val_fraction, seed=seed)
+    ds, names = split_names(dataset, split, val_fraction=val_fraction, seed=seed, group_by=group_by,
+                            manifest=manifest)
     if ds is None:
         return []
     if split == "unlabelled" or ds.labels_path is None:
@@ -244,6 +250,8 @@ def register_challenge_dataset(
     *,
     val_fraction: float = 0.2,
     seed: int = 0,
+    group_by: str | None = None,
+    manifest: str | os.PathLike | None = None,
     split_components: bool = False,
     min_area: int = 0,
     image_dir: str | os.PathLike | None = None,
@@ -253,7 +261,8 @@ def register_challenge_dataset(
     """Register ``<name>_train``, ``_val``, ``_labelled``, ``_unlabelled`` and (when ``root`` has
     ``test-images/``) ``_test`` from a challenge-layout folder; lazy (see the module docs). The same
     name with the same arguments again is a no-op; with different arguments the old registration is
-    replaced. Returns ``{split: registered name}``."""
+    replaced. ``group_by``: a column of ``manifest`` (default ``<root>/manifest.csv``), e.g.
+    ``patient``, whose groups the train/val split keeps whole. Returns ``{split: registered name}``."""
     if not name or not isinstance(name, str):
         raise ConfigError(f"data set name must be a non-empty string, got {name!r}")
     root_path = Path(root).expanduser()
@@ -271,7 +280,7 @@ def register_challenge_dataset(
     norm = lambda v: v if v is None or isinstance(v, bool) else str(v)  # noqa: E731
     key = (
         "challenge", str(root_path), norm(image_dir), norm(labels), norm(annotated),
-        val_fraction, int(seed), bool(split_components), int(min_area),
+        val_fraction, int(seed), group_by or None, norm(manifest), bool(split_components), int(min_area),
     )
     img_dir = _default_image_dir(root_path, image_dir)
     has_test = (root_path / "test-images").is_dir() and (
@@ -296,8 +305,8 @@ def register_challenge_dataset(
         source = _ChallengeSource(
             root_path,
             {"image_dir": image_dir, "labels": labels, "annotated": annotated},
-            {"val_fraction": val_fraction, "seed": int(seed), "split_components": bool(split_components),
-             "min_area": int(min_area)},
+            {"val_fraction": val_fraction, "seed": int(seed), "group_by": group_by or None, "manifest": manifest,
+             "split_components": bool(split_components), "min_area": int(min_area)},
         )
         for split, full in full_names.items():
             DatasetCatalog.register(full, lambda split=split: source.dicts(split))
@@ -309,6 +318,7 @@ def register_challenge_dataset(
                 split=split,
                 val_fraction=val_fraction,
                 split_seed=int(seed),
+                split_group_by=group_by or None,
                 split_components=bool(split_components),
                 min_area=int(min_area),
             )

@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from d2ct.data.manifest import load_manifest  # noqa: F401  (re-exported: tools/evaluate.py)
 from d2ct.errors import ConfigError, DataError
 from d2ct.evaluation.ari import adjusted_rand_index
 from d2ct.evaluation.coco_ap import AP_KEYS, coco_ap, label_map_to_rles
@@ -219,35 +220,6 @@ def evaluate_csv(
 
 
 # ----------------------------------------------------------------------------------- breakdowns
-_KEY_COLUMNS = ("file", "name", "image", "file_name")
-
-
-def load_manifest(path: str | os.PathLike) -> pd.DataFrame:
-    """A manifest CSV indexed by image name: its ``file``/``name``/``image``/``file_name`` column,
-    or an integer ``id`` column mapped to ``<id>.png``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: manifest not found")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: cannot read the manifest CSV: {exc}") from None
-    for col in _KEY_COLUMNS:
-        if col in df.columns:
-            key = df[col].astype(str)
-            break
-    else:
-        if "id" in df.columns:
-            key = df["id"].astype(str) + ".png"
-        else:
-            raise DataError(f"{path}: manifest needs an image column ({', '.join(_KEY_COLUMNS)} or id)")
-    df = df.copy()
-    df.index = pd.Index(key, name="name")
-    if df.index.has_duplicates:
-        raise DataError(f"{path}: image {df.index[df.index.duplicated()][0]!r} appears twice in the manifest")
-    return df
-
-
 def breakdown(per_image: pd.DataFrame, manifest: pd.DataFrame, column: str) -> pd.DataFrame:
     """Summary per value of ``manifest[column]`` (images missing from the manifest go to '(missing)')."""
     if column not in manifest.columns:
