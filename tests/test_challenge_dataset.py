@@ -190,6 +190,18 @@ def test_test_split(tmp_path):
     assert test.labels_path is None and test.unlabelled_names == ["0.png", "1.png", "2.png"]
 
 
+def test_relative_root_and_test_split(tmp_path, monkeypatch):
+    """The demo names its data set by a relative path: nothing may resolve it against itself twice."""
+    root = tmp_path / "sets" / "a"
+    make_layout(root)
+    make_layout(root, n=2, n_labelled=2, image_dir="test-images", labels="test-labels.csv", annotated=None)
+    monkeypatch.chdir(tmp_path)
+    ds = ChallengeDataset.open("sets/a")
+    test = ds.test_split()
+    assert test is not None and test.labels_path.resolve() == (root / "test-labels.csv").resolve()
+    assert test.labelled_names == ["0.png", "1.png"] and test.label_map("0.png") is not None
+
+
 # ---------------------------------------------------------------------------- bad layouts
 def test_missing_root_and_image_folder(tmp_path):
     with pytest.raises(DataError, match=r"nothing: data set folder not found"):

@@ -18,8 +18,9 @@ from d2ct.errors import ConfigError, WeightsUnavailableError
 from .conftest import PYTHON, ROOT, TINY_OPTS, run_tool, train_tiny
 
 ALL_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
-                     if not p.name.startswith("Base") and p.name != "pipeline.yaml")
-PRETRAINED = [c for c in ALL_CONFIGS if not c.startswith(("configs/scratch", "configs/demo"))]
+                     if not p.name.startswith(("Base", "pipeline")))
+FROM_SCRATCH = ("configs/scratch", "configs/demo", "configs/cpu")
+PRETRAINED = [c for c in ALL_CONFIGS if not c.startswith(FROM_SCRATCH)]
 
 
 def test_every_config_loads_and_adapts_to_cpu():
@@ -29,12 +30,14 @@ def test_every_config_loads_and_adapts_to_cpu():
         assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1, config
         assert cfg.INPUT.MASK_FORMAT == "bitmask", config
         assert cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS is False, config
-        assert cfg.TEST.DETECTIONS_PER_IMAGE == 100, config
+        # the CPU real-data configs keep 50 (at most 7 organs per OpenKBP slice; the mask head
+        # over every detection dominates CPU inference)
+        assert cfg.TEST.DETECTIONS_PER_IMAGE == (50 if config.startswith("configs/cpu") else 100), config
         if not torch.cuda.is_available():
             assert cfg.MODEL.DEVICE == "cpu", config
         if config in PRETRAINED:
             assert cfg.MODEL.WEIGHTS.startswith("detectron2://ImageNetPretrained/"), config
-        elif config.startswith("configs/scratch"):
+        elif config.startswith(("configs/scratch", "configs/cpu")):
             assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0, config
             assert cfg.MODEL.RESNETS.NORM == "GN" and cfg.MODEL.FPN.NORM == "GN", config
 
@@ -103,6 +106,15 @@ def test_train_net_reports_unfetchable_weights_cleanly(tiny_phantom, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_unregistered_dataset_name_is_a_clear_error(tiny_phantom, tmp_path):
+    proc = run_tool("train_net.py", "--config", "configs/demo/radiologist_r50.yaml", *TINY_OPTS,
+                    "D2CT.DATA_ROOT", tiny_phantom, "DATASETS.TRAIN", "('openkbp_train',)",
+                    "OUTPUT_DIR", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "DATASETS.TRAIN names 'openkbp_train', which is not registered" in proc.stderr
+    assert "phantom_train" in proc.stderr  # what the data set does provide
+
+
 def test_training_evaluates_keeps_best_checkpoint_and_plots(tiny_model):
     out = tiny_model
     for name in ("model_final.pth", "model_best.pth", "model_best.json", "metrics.json", "config.yaml",
@@ -131,8 +143,11 @@ def test_each_config_trains_on_phantom_slices(config, tiny_phantom, tmp_path):
         weights = tmp_path / "local_backbone.pth"
         torch.save({"model": build_model(cfg).state_dict()}, weights)
         extra += ["MODEL.WEIGHTS", str(weights)]
+    data_name = setup_cfg(str(ROOT / config)).D2CT.DATA_NAME
     if "final" in Path(config).name:
-        extra += ["DATASETS.TRAIN", "('phantom_train',)", "D2CT.PSEUDO_LABELS", "[]"]
+        extra += ["DATASETS.TRAIN", f"('{data_name}_train',)", "D2CT.PSEUDO_LABELS", "[]"]
+    if config.startswith("configs/cpu"):  # made for OpenKBP's patient column; the phantom has none
+        extra += ["D2CT.SPLIT_GROUP_BY", ""]
     out = train_tiny(config, tiny_phantom, tmp_path / "out", *extra)
     state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert state["iteration"] == 0

@@ -112,3 +112,19 @@ def test_per_model_opts_follow_the_shared_ones_and_split_settings_reach_training
         load_pipeline_config("configs/demo/pipeline.yaml", ["radiologists.2.opts=['SOLVER.MAX_ITER']"])
     with pytest.raises(ConfigError, match="final.opts must be a list"):
         load_pipeline_config("configs/demo/pipeline.yaml", ["final.opts=3"])
+
+
+def test_shared_radiologists_dir_is_used_and_never_removed(tmp_path):
+    from d2ct.pipeline.runner import Pipeline
+
+    shared = tmp_path / "other_run" / "radiologists"
+    (shared / "r50").mkdir(parents=True)
+    (shared / "r50" / "model_final.pth").write_bytes(b"trained elsewhere")
+    cfg = load_pipeline_config("configs/demo/pipeline.yaml", [f"output_dir={tmp_path / 'variant'}",
+                                                              f"radiologists_dir={shared}"])
+    pipe = Pipeline(cfg)
+    assert pipe.radiologist_dirs()[0] == shared / "r50"
+    (tmp_path / "variant" / "final").mkdir(parents=True)
+    pipe.reset_from("radiologists")  # --from radiologists: this run's later stages go, the shared models stay
+    assert (shared / "r50" / "model_final.pth").exists()
+    assert not (tmp_path / "variant" / "final").exists()

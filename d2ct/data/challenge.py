@@ -332,7 +332,8 @@ class ChallengeDataset:
         test_dir = self.root / "test-images"
         if not test_dir.is_dir() or test_dir.resolve() == self.image_dir.resolve():
             return None
-        labels = next((self.root / c for c in TEST_LABEL_FILES if (self.root / c).is_file()), None)
+        # by name: open() resolves relative paths against the root (a relative root must not repeat)
+        labels = next((c for c in TEST_LABEL_FILES if (self.root / c).is_file()), None)
         return ChallengeDataset.open(
             self.root,
             image_dir="test-images",

@@ -60,4 +60,23 @@ def setup(args, *, register: bool = True, check_weights: bool = True):
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2ct", abbrev_name="d2ct")
     if register:
         register_datasets_from_cfg(cfg)
+        check_dataset_names(cfg)
     return cfg
+
+
+def check_dataset_names(cfg) -> None:
+    """A ConfigError naming the option when DATASETS.TRAIN / TEST name a data set nobody registered
+    (typically a config written for another D2CT.DATA_NAME), instead of Detectron2's KeyError."""
+    from detectron2.data import DatasetCatalog
+
+    from d2ct.errors import ConfigError
+
+    registered = set(DatasetCatalog.list())
+    for option in ("TRAIN", "TEST"):
+        for name in cfg.DATASETS[option]:
+            if name not in registered:
+                ours = sorted(n for n in registered if n.startswith(f"{cfg.D2CT.DATA_NAME}_"))
+                raise ConfigError(
+                    f"DATASETS.{option} names {name!r}, which is not registered; D2CT.DATA_NAME="
+                    f"{cfg.D2CT.DATA_NAME!r} from D2CT.DATA_ROOT={cfg.D2CT.DATA_ROOT!r} gives "
+                    f"{', '.join(ours) or 'nothing'} (pseudo-labels: D2CT.PSEUDO_LABELS)")

@@ -30,6 +30,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "baseline": {"enabled": True, "preset": "clahe_tv", "workers": 2},
     "radiologists": [],
+    # Where the radiologists are trained (default <output_dir>/radiologists). Point it at another
+    # run's folder to compare pseudo-labelling variants on the same trained radiologists: models
+    # already trained there are reused, never retrained or removed by this run.
+    "radiologists_dir": None,
     "pseudolabel": {
         "mode": "partition",
         "min_area": 10,

@@ -66,7 +66,8 @@ class Pipeline:
         upstream = {
             "data": {"data": c["data"]},
             "baseline": {"baseline": c["baseline"]},
-            "radiologists": {"radiologists": c["radiologists"], "opts": c["opts"]},
+            "radiologists": {"radiologists": c["radiologists"], "opts": c["opts"],
+                             "radiologists_dir": c.get("radiologists_dir")},
             "pseudolabel": {"pseudolabel": c["pseudolabel"], "thresholds": [r["threshold"] for r in c["radiologists"]]},
             "final": {"final": c["final"], "opts": c["opts"], "rounds": c["pseudolabel"]["rounds"]},
             "predict": {"predict": c["predict"]},
@@ -98,7 +99,7 @@ class Pipeline:
 
     def stage_dirs(self, stage: str) -> list[Path]:
         if stage == "radiologists":
-            return [self.out / "radiologists"]
+            return [self.radiologists_root()]
         if stage == "pseudolabel":
             return sorted(self.out.glob("pseudolabels*"))
         if stage == "final":
@@ -110,7 +111,8 @@ class Pipeline:
         for s in STAGES[STAGES.index(stage):]:
             self._marker(s).unlink(missing_ok=True)
             for d in self.stage_dirs(s):
-                if d.exists() and d.resolve() != self.data_root.resolve():
+                inside = d.resolve().is_relative_to(self.out.resolve())  # never another run's folders
+                if d.exists() and inside and d.resolve() != self.data_root.resolve():
                     logger.info("--from %s: removing %s", stage, d)
                     shutil.rmtree(d)
 
@@ -230,8 +232,11 @@ class Pipeline:
                                         *self._train_opts(output_dir, train_sets, pseudo, model_opts)], output_dir.name)
         return output_dir
 
+    def radiologists_root(self) -> Path:
+        return Path(self.cfg.get("radiologists_dir") or self.out / "radiologists")
+
     def radiologist_dirs(self) -> list[Path]:
-        return [self.out / "radiologists" / r["name"] for r in self.cfg["radiologists"]]
+        return [self.radiologists_root() / r["name"] for r in self.cfg["radiologists"]]
 
     def stage_radiologists(self) -> dict:
         outputs = {}

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""The real-data experiments of the README: the whole method on OpenKBP, and its variants.
+
+Runs tools/run_pipeline.py for each variant in turn (each resumable: run this again after a kill
+and finished stages are skipped), then writes bench/OPENKBP.md with one score table over all
+variants and each run's training table. Variants share the trained radiologists of the main run
+(``radiologists_dir``); the two-round variant starts from a copy of the main run's first round.
+
+  python bench/openkbp_experiments.py                         # CPU configs, every variant
+  python bench/openkbp_experiments.py --only main consensus   # a subset, in this order
+  python bench/openkbp_experiments.py --table-only            # rebuild bench/OPENKBP.md from what has run
+
+Variants: ``main`` (partition, 1 round, pseudo-label threshold 0.7: the published method),
+``consensus`` (every radiologist labels the whole pool; structures kept where two agree),
+``rounds2`` (the round-1 final model pseudo-labels the pool again and a second final model trains),
+``thr05`` (partition with pseudo-label threshold 0.5: more, noisier labels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from d2ct.utils.fileio import atomic_write_text, read_json  # noqa: E402
+
+SOURCE = Path("/work/shared/data/openkbp_fewshot")
+VARIANTS = {
+    "main": [],
+    "consensus": ["pseudolabel.mode=consensus"],
+    "rounds2": ["pseudolabel.rounds=2"],
+    "thr05": [f"radiologists.{i}.threshold=0.5" for i in range(3)],
+}
+COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
+           ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50")]
+
+
+def run_dir(base: Path, variant: str) -> Path:
+    return base if variant == "main" else base.parent / f"{base.name}_{variant}"
+
+
+def run_variant(args, variant: str) -> None:
+    base = Path(args.output)
+    out = run_dir(base, variant)
+    sets = [f"output_dir={out}", *VARIANTS[variant]]
+    if variant != "main":
+        sets.append(f"radiologists_dir={base / 'radiologists'}")
+    if variant == "rounds2" and (base / "final" / "model_final.pth").exists():
+        for folder in ("pseudolabels", "final"):  # round 1 is the main run's: copy it, do not redo it
+            if not (out / folder).exists():
+                shutil.copytree(base / folder, out / folder)
+    if variant == "thr05" and (base / "pseudolabels" / "cache").is_dir() and not (out / "pseudolabels").exists():
+        # same seed, same partition, same models: only the threshold differs, so the main run's raw
+        # per-model predictions are reused (the cache holds every instance down to the model's
+        # SCORE_THRESH_TEST)
+        shutil.copytree(base / "pseudolabels" / "cache", out / "pseudolabels" / "cache")
+    cmd = [sys.executable, str(ROOT / "tools/run_pipeline.py"), "--config", args.config, "--set", *sets]
+    print(f"[openkbp] {variant}: $ {' '.join(cmd)}", flush=True)
+    start = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    print(f"[openkbp] {variant}: done in {(time.time() - start) / 3600:.2f} h", flush=True)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def table(args) -> str:
+    base = Path(args.output)
+    lines = ["| run | model | " + " | ".join(t for _, t in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    details = []
+    for variant in VARIANTS:
+        out = run_dir(base, variant)
+        table_json = out / "evaluate" / "table.json"
+        if not table_json.exists():
+            continue
+        rows = read_json(table_json)
+        for row in rows:
+            if variant != "main" and not row["model"].startswith("final"):
+                continue  # baseline and radiologists are the main run's
+            lines.append(f"| {variant} | {row['model']} | " + " | ".join(_fmt(row.get(k)) for k, _ in COLUMNS) + " |")
+        report = out / "report" / "report.md"
+        if report.exists():
+            text = report.read_text()
+            train = text.split("## Training", 1)[1].split("\n\n", 2)[1] if "## Training" in text else ""
+            details += [f"### {variant}: training", "", train.strip(), ""]
+        stages = sorted((out / "stages").glob("*.json"))
+        hours = sum(read_json(p).get("seconds", 0) for p in stages) / 3600
+        details += [f"{variant}: {len(stages)} stages finished, {hours:.2f} h of stage time "
+                    f"(`{out / 'report' / 'report.md'}`)", ""]
+    summary = read_json(base / "data" / "summary.json") if (base / "data" / "summary.json").exists() else {}
+    head = [
+        "# The method on real CT: OpenKBP few-shot (head and neck), CPU",
+        "",
+        "Written by `bench/openkbp_experiments.py` (command in the README).",
+        f"Data: `{summary.get('root', '?')}`: splits " + ", ".join(
+            f"{k} {v['images']}" for k, v in summary.get("splits", {}).items()) + "; scores on the held-out "
+        "test patients.",
+        "",
+    ]
+    return "\n".join(head + lines + [""] + details)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--config", default="configs/cpu/pipeline_openkbp.yaml")
+    p.add_argument("--output", default="output/cpu_pipeline", help="the main run's output_dir")
+    p.add_argument("--source", type=Path, default=SOURCE, help="the OpenKBP few-shot folder")
+    p.add_argument("--holdout", type=Path, default=ROOT / "datasets/openkbp_holdout")
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS), help="variants to run (default all)")
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "OPENKBP.md")
+    args = p.parse_args(argv)
+    if not args.table_only:
+        if not (args.holdout / "holdout.json").exists():
+            subprocess.run([sys.executable, str(ROOT / "tools/make_holdout.py"), "--data", str(args.source),
+                            "--out", str(args.holdout), "--test-fraction", "0.2", "--group-by", "patient",
+                            "--seed", "0"], cwd=ROOT, check=True)
+        for variant in args.only or list(VARIANTS):
+            run_variant(args, variant)
+            atomic_write_text(args.out, table(args))
+    text = table(args)
+    atomic_write_text(args.out, text)
+    print(text)
+    print(json.dumps({"written": str(args.out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
