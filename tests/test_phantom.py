@@ -225,3 +225,14 @@ def test_preview_and_tool(phantom_root, tmp_path, capsys):
     assert rc == 0 and (tmp_path / "t" / "labels.csv.gz").is_file() and (tmp_path / "t.png").is_file()
     rc = tool.main(["--out", str(tmp_path / "u"), "--n-train", "2", "--n-labelled", "3"])
     assert rc == 2 and "error: " in capsys.readouterr().err
+
+
+def test_committed_sample_is_the_generator_output(tmp_path):
+    """datasets/sample (committed, documented in datasets/README.md) is exactly what its command writes."""
+    sample = Path(__file__).resolve().parents[1] / "datasets" / "sample"
+    params = json.loads((sample / "phantom.json").read_text())
+    again = write_phantom_dataset(tmp_path / "sample", n_train=params["n_train"], n_labelled=params["n_labelled"],
+                                  n_test=params["n_test"], size=params["size"], seed=params["seed"], progress=False)
+    committed = {k: v for k, v in _digest(sample).items() if k != "preview.png"}
+    assert committed == _digest(again), (
+        "the phantom generator changed: regenerate the sample with the command in datasets/README.md")
