@@ -21,10 +21,10 @@ import numpy as np
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from d2ct.engine import launch
+from d2ct.engine import launch_cli
 from d2ct.engine.mapper import read_model_image
 from d2ct.engine.predictor import BatchPredictor, load_trained
-from d2ct.errors import D2CTError, DataError
+from d2ct.errors import DataError
 from d2ct.postprocess.submission import (PostprocessOptions, find_slices, label_maps_from_predictions,
                                          save_instances, write_submission)
 
@@ -150,13 +150,7 @@ def _write_overlays(out_dir, folder, names, label_maps, truth, count):
 
 def cli(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
-    except D2CTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return launch_cli(main, args)
 
 
 if __name__ == "__main__":

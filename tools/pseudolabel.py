@@ -17,8 +17,8 @@ from detectron2.utils.logger import setup_logger
 
 from d2ct.config import setup_cfg
 from d2ct.data.challenge import ChallengeDataset
-from d2ct.engine import launch
-from d2ct.errors import ConfigError, D2CTError
+from d2ct.engine import launch_cli
+from d2ct.errors import ConfigError
 from d2ct.pseudolabel.radiologists import Radiologist
 from d2ct.pseudolabel.run import MODES, ConsensusOptions, pseudo_label_pool
 
@@ -87,13 +87,7 @@ def main(args):
 
 def cli(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
-    except D2CTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return launch_cli(main, args)
 
 
 if __name__ == "__main__":

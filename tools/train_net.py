@@ -10,9 +10,8 @@ Two machines: add --num-machines 2 --machine-rank {0,1} --dist-url tcp://HOST0:P
 """
 import sys
 
-from d2ct.engine import Trainer, default_argument_parser, launch, setup
+from d2ct.engine import Trainer, default_argument_parser, launch_cli, setup
 from d2ct.engine.checkpoint import AtomicCheckpointer
-from d2ct.errors import D2CTError
 
 
 def main(args):
@@ -31,13 +30,7 @@ def cli(argv=None):
     args = parser.parse_args(argv)
     if not args.config_file:
         parser.error("--config FILE is required (for example configs/demo/radiologist_r50.yaml)")
-    try:
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
-    except D2CTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return launch_cli(main, args)
 
 
 if __name__ == "__main__":

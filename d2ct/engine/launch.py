@@ -57,6 +57,21 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
     )
 
 
+def launch_cli(main_func, args) -> int:
+    """The tools' entry: ``launch(main_func, ...)`` with the launcher options parsed into ``args``
+    (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``); a d2ct error (bad
+    input, option or weights) becomes one line on stderr and exit status 2."""
+    from d2ct.errors import D2CTError
+
+    try:
+        launch(main_func, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except D2CTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout):
     global_rank = machine_rank * procs_per_machine + local_rank
     # Share the cores between the processes instead of oversubscribing them.
