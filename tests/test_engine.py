@@ -192,13 +192,31 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_phantom, tmp_path):
     last = (out / "last_checkpoint").read_text().strip()
     done = _tagged_iteration(out)
     assert done >= 3 and (out / last).exists()
+    assert len(list(out.glob("model_0*.pth"))) >= 2  # 1, 3, ...: the default keeps 3
     run_tool("train_net.py", "--config", "configs/demo/radiologist_r50.yaml", "--resume", *TINY_OPTS,
              "SOLVER.MAX_ITER", str(done + 3), "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()",
-             "D2CT.DATA_ROOT", tiny_phantom, "OUTPUT_DIR", out)
+             "D2CT.CHECKPOINTS_TO_KEEP", "1", "D2CT.DATA_ROOT", tiny_phantom, "OUTPUT_DIR", out)
     log = (out / "log.txt").read_text()
     assert f"Resumed from {out / last} at iteration {done + 1}" in log
     assert f"Starting training from iteration {done + 1}" in log
     assert (out / "model_final.pth").exists()
+    # the killed run's checkpoints are pruned too: only the newest periodic one is left
+    assert sorted(p.name for p in out.glob("model_0*.pth")) == [f"model_{done + 2:07d}.pth"]
+
+
+def test_prune_checkpoints_keeps_the_newest_and_never_final_or_best(tmp_path):
+    from d2ct.engine.trainer import prune_checkpoints
+
+    names = ["model_0000099.pth", "model_0001099.pth", "model_0000999.pth", "model_0000199.pth",
+             "model_final.pth", "model_best.pth", "model_best.json", "last_checkpoint"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert sorted(prune_checkpoints(str(tmp_path), 2)) == ["model_0000099.pth", "model_0000199.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model_0000999.pth", "model_0001099.pth", "model_final.pth", "model_best.pth", "model_best.json",
+         "last_checkpoint"])
+    assert prune_checkpoints(str(tmp_path), 2) == []
+    assert prune_checkpoints(str(tmp_path), 0) == []  # 0 keeps all
 
 
 def test_two_cpu_processes_train_with_gloo(tiny_phantom, tmp_path):

@@ -43,6 +43,9 @@ def add_d2ct_config(cfg: CN) -> CN:
     # Validation during training: the best checkpoint by this metric becomes model_best.pth with
     # its scores in model_best.json (read by the pseudo-labelling stage to weigh the radiologists).
     _C.D2CT.BEST_METRIC = "segm/AP"
+    # Periodic checkpoints (SOLVER.CHECKPOINT_PERIOD) kept on disk, newest first; 0 keeps all.
+    # model_final.pth and model_best.pth are always kept.
+    _C.D2CT.CHECKPOINTS_TO_KEEP = 3
     _C.D2CT.CURVES = True  # training_curves.png at the end of training
     _C.D2CT.ROLE = ""  # free text shown in logs and reports ("quick", "balanced", "detail", "final")
 

@@ -205,7 +205,8 @@ class CTSegmentationEvaluator(DatasetEvaluator):
             }
             atomic_write_json(self._output_dir / "ct_summary.json", doc)
         logger.info("CT evaluation on %s: %s", self._dataset_name,
-                    ", ".join(f"{k}={v:.4f}" for k, v in itertools.chain(results["segm"].items(), ct.items())))
+                    ", ".join(f"{k}={v:.0f}" if k == "n_images" else f"{k}={v:.4f}"
+                              for k, v in itertools.chain(results["segm"].items(), ct.items())))
         return copy.deepcopy(results)
 
 
