@@ -71,6 +71,34 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+VAL_COLUMNS = [("segm/AP", "mask AP", 1), ("segm/AP50", "AP50", 1), ("ct/ARI", "ARI", 3),
+               ("ct/ARI_fg", "ARI (truth fg)", 3), ("ct/Dice", "Dice", 3), ("ct/Recall50", "recall@0.5", 3)]
+
+
+def validation_table(model_dir: Path) -> list[str]:
+    """Every validation evaluation of one training run (metrics.json), with its speed and time (log.txt)."""
+    metrics = model_dir / "metrics.json"
+    if not metrics.exists():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip().startswith("{")]
+    evals = [r for r in rows if "segm/AP" in r]
+    import yaml
+
+    max_iter = int(yaml.safe_load((model_dir / "config.yaml").read_text())["SOLVER"]["MAX_ITER"])
+    speed = ""
+    log = model_dir / "log.txt"
+    if log.exists():
+        for line in log.read_text().splitlines():
+            if "Overall training speed:" in line or "Total training time:" in line:
+                speed += " " + line.split("INFO: ", 1)[-1].strip() + "."
+    out = [f"`{model_dir.name}`:{speed}", "",
+           "| iterations | " + " | ".join(t for _, t, _ in VAL_COLUMNS) + " |", "|---|" + "---|" * len(VAL_COLUMNS)]
+    for r in evals:
+        trained = min(int(r["iteration"]) + 1, max_iter)  # the final evaluation is filed under max_iter
+        out.append(f"| {trained} | " + " | ".join(f"{r[k]:.{d}f}" if k in r else "-" for k, _, d in VAL_COLUMNS) + " |")
+    return out + [""]
+
+
 def table(args) -> str:
     base = Path(args.output)
     lines = ["| run | model | " + " | ".join(t for _, t in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
@@ -94,6 +122,16 @@ def table(args) -> str:
         hours = sum(read_json(p).get("seconds", 0) for p in stages) / 3600
         details += [f"{variant}: {len(stages)} stages finished, {hours:.2f} h of stage time "
                     f"(`{out / 'report' / 'report.md'}`)", ""]
+    val = ["## Validation during training (main run)", "",
+           "Each model on the validation patients (the split that picks its best checkpoint) at every "
+           "evaluation; mask AP in %.", ""]
+    import yaml
+
+    names = [r["name"] for r in yaml.safe_load(Path(ROOT / args.config).read_text())["radiologists"]]
+    for model_dir in [base / "radiologists" / n for n in names] + sorted(base.glob("final*")):
+        val += validation_table(model_dir)
+    if len(val) > 4:
+        details += val
     summary = read_json(base / "data" / "summary.json") if (base / "data" / "summary.json").exists() else {}
     head = [
         "# The method on real CT: OpenKBP few-shot (head and neck), CPU",

@@ -123,6 +123,7 @@ def test_training_evaluates_keeps_best_checkpoint_and_plots(tiny_model):
     assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events"
     best = json.loads((out / "model_best.json").read_text())
     assert best["metric"] == "segm/AP"
+    assert best["iterations_trained"] == 2  # the final evaluation: Detectron2 files it under iteration 2
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
     aps = [m["segm/AP"] for m in metrics if "segm/AP" in m]
     assert aps and best["value"] == pytest.approx(max(aps))

@@ -100,6 +100,9 @@ class BestCheckpointer(hooks.BestCheckpointer):
                 "metric": self._val_metric,
                 "value": self.best_metric,
                 "iteration": self.best_iter,
+                # Detectron2 stores a periodic evaluation under the last iteration's index (299 after
+                # 300 iterations) but the final one under max_iter (1200 after 1200): count instead
+                "iterations_trained": min(self.best_iter + 1, int(self.trainer.max_iter)),
                 "checkpoint": f"{BEST_PREFIX}.pth",
                 "scores": _flatten_results(results),
                 **self._extra,

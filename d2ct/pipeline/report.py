@@ -53,7 +53,7 @@ def _training_rows(pipeline) -> list[str]:
         best_text = "-"
         if best.exists():
             b = read_json(best)
-            best_text = f"{b['value']:.2f} ({b['iteration'] + 1})"
+            best_text = f"{b['value']:.2f} ({b.get('iterations_trained', b['iteration'] + 1)})"
         rows.append(f"| {name} | {cfg} | {iters} | {best_text} | {seconds} |")
     return rows
 

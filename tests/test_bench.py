@@ -1,17 +1,17 @@
-"""Tests of bench/run_all.py (discovery, --only, failures, RESULTS.md) with stand-in benchmarks.
-
-Kept beside the benchmarks; run with ``.venv/bin/python -m pytest bench/test_run_all.py``.
+"""Tests of the benchmark drivers: bench/run_all.py (discovery, --only, failures, RESULTS.md) with
+stand-in benchmarks, and the OpenKBP experiment tables (bench/openkbp_experiments.py).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import run_all  # noqa: E402
+from bench import openkbp_experiments, run_all  # noqa: E402
 
 
 @pytest.fixture
@@ -87,3 +87,39 @@ def test_no_write_and_list(bench_dir, tmp_path, capsys):
     assert not out.exists()
     assert run_all.main(["--bench-dir", str(bench_dir), "--list"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-2:] == ["bench_alpha", "bench_broken"]
+
+
+def _fake_run(base: Path) -> None:
+    """A finished main run as run_pipeline leaves it, with made-up scores."""
+    import json
+
+    (base / "data").mkdir(parents=True)
+    (base / "data" / "summary.json").write_text(json.dumps(
+        {"root": "datasets/x", "splits": {"train": {"images": 8}, "val": {"images": 2}, "test": {"images": 3}}}))
+    (base / "evaluate").mkdir()
+    (base / "evaluate" / "table.json").write_text(json.dumps(
+        [{"model": "baseline", "ARI": 0.1}, {"model": "r50", "ARI": 0.5, "AP": 12.0},
+         {"model": "final", "ARI": 0.6, "AP": 14.0}]))
+    for name in ("r50", "r101", "x101"):
+        d = base / "radiologists" / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 600\n")
+        rows = [{"iteration": 299, "segm/AP": 2.0, "ct/ARI": 0.25}, {"iteration": 450, "total_loss": 1.0},
+                {"iteration": 600, "segm/AP": 7.5, "ct/ARI": 0.45}]  # the final evaluation: under max_iter
+        (d / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (base / "radiologists" / "r50" / "log.txt").write_text(
+        "[12/02 03:49:33] d2.engine.hooks INFO: Overall training speed: 598 iterations in 0:10:00 (1.0 s / it)\n")
+
+
+def test_openkbp_tables_count_iterations_and_keep_the_pipeline_order(tmp_path):
+    base = tmp_path / "cpu_pipeline"
+    _fake_run(base)
+    args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml")
+    text = openkbp_experiments.table(args)
+    assert "| main | r50 | 0.500 | - | - | - | 12.000 | - |" in text
+    assert "| main | baseline | 0.100 |" in text
+    assert text.index("`r50`") < text.index("`r101`") < text.index("`x101`")  # not alphabetical
+    assert "| 300 | 2.0 | - | 0.250 |" in text  # iteration 299 = 300 trained
+    assert "| 600 | 7.5 | - | 0.450 |" in text and "| 601 |" not in text
+    assert "598 iterations in 0:10:00" in text
+    assert "train 8, val 2, test 3" in text
