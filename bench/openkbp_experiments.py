@@ -67,8 +67,8 @@ def run_variant(args, variant: str) -> None:
     print(f"[openkbp] {variant}: done in {(time.time() - start) / 3600:.2f} h", flush=True)
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
+def _fmt(v, percent: bool = False) -> str:
+    return "-" if v is None else f"{v:.1f}" if percent else f"{v:.3f}"
 
 
 VAL_COLUMNS = [("segm/AP", "mask AP", 1), ("segm/AP50", "AP50", 1), ("ct/ARI", "ARI", 3),
@@ -112,7 +112,7 @@ def table(args) -> str:
         for row in rows:
             if variant != "main" and not row["model"].startswith("final"):
                 continue  # baseline and radiologists are the main run's
-            lines.append(f"| {variant} | {row['model']} | " + " | ".join(_fmt(row.get(k)) for k, _ in COLUMNS) + " |")
+            lines.append(f"| {variant} | {row['model']} | " + " | ".join(_fmt(row.get(k), k.startswith("AP")) for k, _ in COLUMNS) + " |")
         report = out / "report" / "report.md"
         if report.exists():
             text = report.read_text()

@@ -116,7 +116,7 @@ def test_openkbp_tables_count_iterations_and_keep_the_pipeline_order(tmp_path):
     _fake_run(base)
     args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml")
     text = openkbp_experiments.table(args)
-    assert "| main | r50 | 0.500 | - | - | - | 12.000 | - |" in text
+    assert "| main | r50 | 0.500 | - | - | - | 12.0 | - |" in text
     assert "| main | baseline | 0.100 |" in text
     assert text.index("`r50`") < text.index("`r101`") < text.index("`x101`")  # not alphabetical
     assert "| 300 | 2.0 | - | 0.250 |" in text  # iteration 299 = 300 trained

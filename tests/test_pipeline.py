@@ -128,3 +128,24 @@ def test_shared_radiologists_dir_is_used_and_never_removed(tmp_path):
     pipe.reset_from("radiologists")  # --from radiologists: this run's later stages go, the shared models stay
     assert (shared / "r50" / "model_final.pth").exists()
     assert not (tmp_path / "variant" / "final").exists()
+
+
+def test_training_table_counts_iterations(tmp_path):
+    """The report's training table: iterations from the config, the best checkpoint's iteration counted
+    (old model_best.json files without iterations_trained hold Detectron2's max_iter for the final one)."""
+    from types import SimpleNamespace
+
+    from d2ct.pipeline.report import _training_rows
+
+    dirs = {}
+    for name, best in (("r50", {"value": 16.5, "iteration": 1200}),
+                       ("final", {"value": 9.0, "iteration": 299, "iterations_trained": 300})):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(f"SOLVER:\n  MAX_ITER: 1200\nD2CT:\n  ROLE: role {name}\n")
+        (d / "model_best.json").write_text(json.dumps(best))
+        (d / "log.txt").write_text("[x] d2.engine.hooks INFO: Total training time: 0:30:43 (0:01:35 on hooks)\n")
+        dirs[name] = d
+    rows = _training_rows(SimpleNamespace(models=lambda: list(dirs.items())))
+    assert rows[2] == "| r50 | role r50 | 1200 | 16.50 (1200) | 0:30:43 |"
+    assert rows[3] == "| final | role final | 1200 | 9.00 (300) | 0:30:43 |"

@@ -14,47 +14,47 @@ COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth foreground)"), ("
            ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50")]
 
 
-def _fmt(value) -> str:
+def _fmt(value, percent: bool = False) -> str:
+    """Scores in [0, 1] with 3 decimals; COCO APs (percent) with 1."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return f"{value:.1f}" if percent else f"{value:.3f}"
 
 
 def score_table(table: list[dict]) -> str:
     lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for row in table:
-        lines.append(f"| {row['model']} | " + " | ".join(_fmt(row.get(key)) for key, _ in COLUMNS) + " |")
+        lines.append(f"| {row['model']} | " + " | ".join(_fmt(row.get(key), key.startswith("AP")) for key, _ in COLUMNS) + " |")
     return "\n".join(lines)
 
 
 def _training_rows(pipeline) -> list[str]:
+    import yaml
+
     rows = ["| model | config | iterations | best val mask AP (iteration) | training time |", "|---|---|---|---|---|"]
     for name, model_dir in pipeline.models():
-        best = model_dir / "model_best.json"
-        metrics = model_dir / "metrics.json"
-        iters, seconds = "-", "-"
-        if metrics.exists():
-            lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-            import json
-
-            its = [json.loads(ln).get("iteration", 0) for ln in lines if ln.startswith("{")]
-            iters = str(max(its) + 1) if its else "-"
+        cfg = {}
+        if (model_dir / "config.yaml").exists():
+            cfg = yaml.safe_load((model_dir / "config.yaml").read_text()) or {}
+        max_iter = cfg.get("SOLVER", {}).get("MAX_ITER")
+        seconds = "-"
         log = model_dir / "log.txt"
         if log.exists():
             for line in log.read_text().splitlines():
                 if "Total training time" in line:
                     seconds = line.split("Total training time:")[1].split("(")[0].strip()
-        cfg = ""
-        if (model_dir / "config.yaml").exists():
-            import yaml
-
-            cfg = (yaml.safe_load((model_dir / "config.yaml").read_text()) or {}).get("D2CT", {}).get("ROLE", "")
         best_text = "-"
+        best = model_dir / "model_best.json"
         if best.exists():
             b = read_json(best)
-            best_text = f"{b['value']:.2f} ({b.get('iterations_trained', b['iteration'] + 1)})"
-        rows.append(f"| {name} | {cfg} | {iters} | {best_text} | {seconds} |")
+            # Detectron2 files the final evaluation under max_iter and periodic ones under the last
+            # iteration's index: count iterations instead (older files lack iterations_trained)
+            trained = b.get("iterations_trained", b["iteration"] + 1)
+            if max_iter:
+                trained = min(trained, int(max_iter))
+            best_text = f"{b['value']:.2f} ({trained})"
+        rows.append(f"| {name} | {cfg.get('D2CT', {}).get('ROLE', '')} | {max_iter or '-'} | {best_text} | {seconds} |")
     return rows
 
 
