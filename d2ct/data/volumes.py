@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from d2ct.errors import ConfigError, DataError
-from d2ct.utils.fileio import _umask_mode
+from d2ct.utils.fileio import umask_mode
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700 folders
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes 0700 folders
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

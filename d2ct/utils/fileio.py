@@ -25,7 +25,7 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def _umask_mode(base: int = 0o666) -> int:
+def umask_mode(base: int = 0o666) -> int:
     """The mode ``open()`` (0o666) or ``mkdir()`` (0o777) would give, minus the umask."""
     return base & ~_UMASK
 
@@ -38,7 +38,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600 files; outputs are meant to be shared like any other file
-        os.fchmod(fd, _umask_mode())
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
@@ -61,7 +61,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         with contextlib.suppress(FileNotFoundError):  # the library may have replaced the file
-            os.chmod(tmp, _umask_mode())
+            os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
