@@ -84,6 +84,8 @@ def validation_table(model_dir: Path) -> list[str]:
     evals = [r for r in rows if "segm/AP" in r]
     import yaml
 
+    from d2ct.engine.checkpoint import iterations_trained
+
     max_iter = int(yaml.safe_load((model_dir / "config.yaml").read_text())["SOLVER"]["MAX_ITER"])
     speed = ""
     log = model_dir / "log.txt"
@@ -94,8 +96,7 @@ def validation_table(model_dir: Path) -> list[str]:
     out = [f"`{model_dir.name}`:{speed}", "",
            "| iterations | " + " | ".join(t for _, t, _ in VAL_COLUMNS) + " |", "|---|" + "---|" * len(VAL_COLUMNS)]
     for r in evals:
-        trained = min(int(r["iteration"]) + 1, max_iter)  # the final evaluation is filed under max_iter
-        out.append(f"| {trained} | " + " | ".join(f"{r[k]:.{d}f}" if k in r else "-" for k, _, d in VAL_COLUMNS) + " |")
+        out.append(f"| {iterations_trained(r['iteration'], max_iter)} | " + " | ".join(f"{r[k]:.{d}f}" if k in r else "-" for k, _, d in VAL_COLUMNS) + " |")
     return out + [""]
 
 

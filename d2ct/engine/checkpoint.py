@@ -50,6 +50,12 @@ def _flatten_results(results: dict) -> dict:
     return flat
 
 
+def iterations_trained(iteration: int, max_iter: int) -> int:
+    """Iterations done when Detectron2 filed an evaluation under ``iteration``: periodic ones go
+    under the last iteration's index (299 after 300), the final one under max_iter (1200 after 1200)."""
+    return min(int(iteration) + 1, int(max_iter))
+
+
 class BestCheckpointer(hooks.BestCheckpointer):
     """Keeps ``model_best.pth`` by the validation metric and writes ``model_best.json`` beside it.
 
@@ -100,9 +106,7 @@ class BestCheckpointer(hooks.BestCheckpointer):
                 "metric": self._val_metric,
                 "value": self.best_metric,
                 "iteration": self.best_iter,
-                # Detectron2 stores a periodic evaluation under the last iteration's index (299 after
-                # 300 iterations) but the final one under max_iter (1200 after 1200): count instead
-                "iterations_trained": min(self.best_iter + 1, int(self.trainer.max_iter)),
+                "iterations_trained": iterations_trained(self.best_iter, self.trainer.max_iter),
                 "checkpoint": f"{BEST_PREFIX}.pth",
                 "scores": _flatten_results(results),
                 **self._extra,

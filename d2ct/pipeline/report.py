@@ -32,6 +32,8 @@ def score_table(table: list[dict]) -> str:
 def _training_rows(pipeline) -> list[str]:
     import yaml
 
+    from d2ct.engine.checkpoint import iterations_trained
+
     rows = ["| model | config | iterations | best val mask AP (iteration) | training time |", "|---|---|---|---|---|"]
     for name, model_dir in pipeline.models():
         cfg = {}
@@ -48,11 +50,9 @@ def _training_rows(pipeline) -> list[str]:
         best = model_dir / "model_best.json"
         if best.exists():
             b = read_json(best)
-            # Detectron2 files the final evaluation under max_iter and periodic ones under the last
-            # iteration's index: count iterations instead (older files lack iterations_trained)
-            trained = b.get("iterations_trained", b["iteration"] + 1)
-            if max_iter:
-                trained = min(trained, int(max_iter))
+            trained = b.get("iterations_trained")  # older files lack it
+            if trained is None:
+                trained = iterations_trained(b["iteration"], max_iter) if max_iter else b["iteration"] + 1
             best_text = f"{b['value']:.2f} ({trained})"
         rows.append(f"| {name} | {cfg.get('D2CT', {}).get('ROLE', '')} | {max_iter or '-'} | {best_text} | {seconds} |")
     return rows
