@@ -13,7 +13,10 @@ variants and each run's training table. Variants share the trained radiologists 
 Variants: ``main`` (partition, 1 round, pseudo-label threshold 0.7: the published method),
 ``consensus`` (every radiologist labels the whole pool; structures kept where two agree),
 ``rounds2`` (the round-1 final model pseudo-labels the pool again and a second final model trains),
-``thr05`` (partition with pseudo-label threshold 0.5: more, noisier labels).
+``thr05`` (partition with pseudo-label threshold 0.5: more, noisier labels), ``warmstart`` (the
+final model starts from the best radiologist's weights and trains 600 iterations on labelled +
+pseudo-labelled slices) and ``warmstart_labelled`` (its control: the same start and schedule on the
+labelled slices alone, which shows what the pseudo-labels add beyond the extra iterations).
 """
 from __future__ import annotations
 
@@ -36,7 +39,13 @@ VARIANTS = {
     "consensus": ["pseudolabel.mode=consensus"],
     "rounds2": ["pseudolabel.rounds=2"],
     "thr05": [f"radiologists.{i}.threshold=0.5" for i in range(3)],
+    "warmstart": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best"],
+    "warmstart_labelled": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                           "final.pseudo_labels=false"],
 }
+# variants whose round-1 pseudo-labels are the same (same models, thresholds, mode and seed): the
+# first one to finish them shares its folder with the others instead of labelling the pool again
+SAME_PSEUDOLABELS = ("main", "warmstart", "warmstart_labelled")
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
            ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50")]
 
@@ -60,6 +69,14 @@ def run_variant(args, variant: str) -> None:
         # per-model predictions are reused (the cache holds every instance down to the model's
         # SCORE_THRESH_TEST)
         shutil.copytree(base / "pseudolabels" / "cache", out / "pseudolabels" / "cache")
+    if variant in SAME_PSEUDOLABELS and not (out / "pseudolabels" / "stats.json").exists():
+        for other in SAME_PSEUDOLABELS:
+            done = run_dir(base, other) / "pseudolabels"
+            if other != variant and (done / "stats.json").exists() and (done / "pseudo_labels.json").exists():
+                print(f"[openkbp] {variant}: pseudo-labels are {other}'s: copying {done}", flush=True)
+                shutil.rmtree(out / "pseudolabels", ignore_errors=True)  # a partial one of a killed run
+                shutil.copytree(done, out / "pseudolabels")
+                break
     cmd = [sys.executable, str(ROOT / "tools/run_pipeline.py"), "--config", args.config, "--set", *sets]
     print(f"[openkbp] {variant}: $ {' '.join(cmd)}", flush=True)
     start = time.time()
@@ -75,7 +92,7 @@ VAL_COLUMNS = [("segm/AP", "mask AP", 1), ("segm/AP50", "AP50", 1), ("ct/ARI", "
                ("ct/ARI_fg", "ARI (truth fg)", 3), ("ct/Dice", "Dice", 3), ("ct/Recall50", "recall@0.5", 3)]
 
 
-def validation_table(model_dir: Path) -> list[str]:
+def validation_table(model_dir: Path, label: str | None = None) -> list[str]:
     """Every validation evaluation of one training run (metrics.json), with its speed and time (log.txt)."""
     metrics = model_dir / "metrics.json"
     if not metrics.exists():
@@ -93,7 +110,7 @@ def validation_table(model_dir: Path) -> list[str]:
         for line in log.read_text().splitlines():
             if "Overall training speed:" in line or "Total training time:" in line:
                 speed += " " + line.split("INFO: ", 1)[-1].strip() + "."
-    out = [f"`{model_dir.name}`:{speed}", "",
+    out = [f"`{label or model_dir.name}`:{speed}", "",
            "| iterations | " + " | ".join(t for _, t, _ in VAL_COLUMNS) + " |", "|---|" + "---|" * len(VAL_COLUMNS)]
     for r in evals:
         out.append(f"| {iterations_trained(r['iteration'], max_iter)} | " + " | ".join(f"{r[k]:.{d}f}" if k in r else "-" for k, _, d in VAL_COLUMNS) + " |")
@@ -104,6 +121,8 @@ def table(args) -> str:
     base = Path(args.output)
     lines = ["| run | model | " + " | ".join(t for _, t in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     details = []
+    teachers_from = None  # baseline and radiologists are the same in every run: shown once
+    finals = []
     for variant in VARIANTS:
         out = run_dir(base, variant)
         table_json = out / "evaluate" / "table.json"
@@ -111,9 +130,11 @@ def table(args) -> str:
             continue
         rows = read_json(table_json)
         for row in rows:
-            if variant != "main" and not row["model"].startswith("final"):
-                continue  # baseline and radiologists are the main run's
+            if teachers_from is not None and not row["model"].startswith("final"):
+                continue
             lines.append(f"| {variant} | {row['model']} | " + " | ".join(_fmt(row.get(k), k.startswith("AP")) for k, _ in COLUMNS) + " |")
+        teachers_from = teachers_from or variant
+        finals += [(variant, d) for d in sorted(out.glob("final*")) if d.is_dir()]
         report = out / "report" / "report.md"
         if report.exists():
             text = report.read_text()
@@ -123,14 +144,14 @@ def table(args) -> str:
         hours = sum(read_json(p).get("seconds", 0) for p in stages) / 3600
         details += [f"{variant}: {len(stages)} stages finished, {hours:.2f} h of stage time "
                     f"(`{out / 'report' / 'report.md'}`)", ""]
-    val = ["## Validation during training (main run)", "",
+    val = ["## Validation during training", "",
            "Each model on the validation patients (the split that picks its best checkpoint) at every "
            "evaluation; mask AP in %.", ""]
     import yaml
 
     names = [r["name"] for r in yaml.safe_load(Path(ROOT / args.config).read_text())["radiologists"]]
-    for model_dir in [base / "radiologists" / n for n in names] + sorted(base.glob("final*")):
-        val += validation_table(model_dir)
+    for label, model_dir in [(n, base / "radiologists" / n) for n in names] + [(f"{v} {d.name}", d) for v, d in finals]:
+        val += validation_table(model_dir, label)
     if len(val) > 4:
         details += val
     summary = read_json(base / "data" / "summary.json") if (base / "data" / "summary.json").exists() else {}

@@ -123,3 +123,41 @@ def test_openkbp_tables_count_iterations_and_keep_the_pipeline_order(tmp_path):
     assert "| 600 | 7.5 | - | 0.450 |" in text and "| 601 |" not in text
     assert "598 iterations in 0:10:00" in text
     assert "train 8, val 2, test 3" in text
+
+
+def test_openkbp_teachers_are_shown_once_from_the_first_finished_run(tmp_path):
+    import json
+
+    base = tmp_path / "cpu_pipeline"
+    _fake_run(base)
+    warm = tmp_path / "cpu_pipeline_warmstart"
+    (warm / "evaluate").mkdir(parents=True)
+    (warm / "evaluate" / "table.json").write_text(json.dumps(
+        [{"model": "baseline", "ARI": 0.1}, {"model": "r50", "ARI": 0.5}, {"model": "final", "ARI": 0.7}]))
+    args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml")
+    text = openkbp_experiments.table(args)
+    assert "| warmstart | final | 0.700 |" in text and "| warmstart | r50 |" not in text
+    # without the main run's scores, the first finished variant shows the baseline and radiologists
+    (base / "evaluate" / "table.json").unlink()
+    text = openkbp_experiments.table(args)
+    assert "| warmstart | r50 | 0.500 |" in text and "| warmstart | baseline | 0.100 |" in text
+    assert "| main |" not in text
+
+
+def test_openkbp_variants_share_identical_pseudo_labels(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    base = tmp_path / "cpu_pipeline"
+    done = base / "pseudolabels"
+    done.mkdir(parents=True)
+    (done / "stats.json").write_text("{}")
+    (done / "pseudo_labels.json").write_text("{}")
+    args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml")
+    openkbp_experiments.run_variant(args, "warmstart_labelled")
+    copied = tmp_path / "cpu_pipeline_warmstart_labelled" / "pseudolabels"
+    assert (copied / "stats.json").exists() and (copied / "pseudo_labels.json").exists()
+    cmd = calls[-1]
+    assert "final.pseudo_labels=false" in cmd and "final.init=best" in cmd
+    assert f"radiologists_dir={base / 'radiologists'}" in cmd
+    openkbp_experiments.run_variant(args, "consensus")  # other pseudo-labels: labels the pool itself
+    assert not (tmp_path / "cpu_pipeline_consensus" / "pseudolabels").exists()

@@ -149,3 +149,30 @@ def test_training_table_counts_iterations(tmp_path):
     rows = _training_rows(SimpleNamespace(models=lambda: list(dirs.items())))
     assert rows[2] == "| r50 | role r50 | 1200 | 16.50 (1200) | 0:30:43 |"
     assert rows[3] == "| final | role final | 1200 | 9.00 (300) | 0:30:43 |"
+
+
+def test_final_init_picks_the_best_radiologist_and_refuses_another_backbone(pipeline_run, tmp_path):
+    import shutil
+
+    from d2ct.pipeline.runner import Pipeline, StageError
+
+    out, _, _, _ = pipeline_run
+    shared = tmp_path / "radiologists"
+    shutil.copytree(out / "radiologists", shared)
+    for name, ap in (("r50", 10.0), ("r101", 30.0), ("x101", 20.0)):  # r101: the demo R34, as the final
+        best = json.loads((shared / name / "model_best.json").read_text())
+        best["scores"]["segm/AP"] = ap
+        (shared / name / "model_best.json").write_text(json.dumps(best))
+    sets = [f"output_dir={tmp_path / 'run'}", f"radiologists_dir={shared}"]
+    pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", sets + ["final.init=best"]))
+    assert pipe.final_init_weights(1) == str(shared / "r101" / "model_best.pth")
+    shutil.copytree(shared / "r101", tmp_path / "run" / "final")  # as if round 1 had trained: round 2 starts there
+    assert pipe.final_init_weights(2) == str(tmp_path / "run" / "final" / "model_best.pth")
+    pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", sets + ["final.init=x101"]))
+    with pytest.raises(StageError, match="MODEL.RESNETS.DEPTH=50 but the final config configs/demo/final.yaml has 34"):
+        pipe.final_init_weights(1)
+    assert Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", sets)).final_init_weights(1) is None
+    with pytest.raises(ConfigError, match="final.init must be scratch, best or a radiologist's name"):
+        load_pipeline_config("configs/demo/pipeline.yaml", ["final.init=nobody"])
+    with pytest.raises(ConfigError, match="final.pseudo_labels must be true or false"):
+        load_pipeline_config("configs/demo/pipeline.yaml", ["final.pseudo_labels=maybe"])

@@ -45,7 +45,12 @@ DEFAULTS: dict[str, Any] = {
         "min_votes": 2,
         "single_model_score": 0.9,
     },
-    "final": {"config": None, "threshold": 0.7, "opts": []},
+    # init: "scratch" (the final config's MODEL.WEIGHTS, the published method), "best" (the
+    # teachers' model with the highest validation mask AP: a warm start, a student that begins
+    # where its best teacher stopped) or a radiologist's name. Rounds after the first start from
+    # the previous round's final model unless init is "scratch". pseudo_labels: false trains the
+    # final model on the labelled images alone (the ablation that shows what pseudo-labels add).
+    "final": {"config": None, "threshold": 0.7, "opts": [], "init": "scratch", "pseudo_labels": True},
     "predict": {"flip_tta": False, "score_threshold": 0.5, "min_area": 5, "fallback_top_k": 3, "batch_size": 4},
     "report": {"overlays": 6},
     "opts": [],  # KEY VALUE overrides applied to every training config (before each model's own opts)
@@ -143,6 +148,12 @@ def validate(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: radiologists[{i}].config {r['config']} does not exist")
     if not cfg["final"].get("config") or not Path(cfg["final"]["config"]).exists():
         raise ConfigError(f"{source}: final.config {cfg['final'].get('config')!r} does not exist")
+    init = cfg["final"]["init"]
+    if init not in ("scratch", "best") and init not in names:
+        raise ConfigError(f"{source}: final.init must be scratch, best or a radiologist's name "
+                          f"({', '.join(sorted(names))}), got {init!r}")
+    if not isinstance(cfg["final"]["pseudo_labels"], bool):
+        raise ConfigError(f"{source}: final.pseudo_labels must be true or false")
     if cfg["pseudolabel"]["mode"] not in ("partition", "consensus"):
         raise ConfigError(f"{source}: pseudolabel.mode must be partition or consensus")
     if int(cfg["pseudolabel"]["rounds"]) < 1:

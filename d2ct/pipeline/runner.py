@@ -282,19 +282,68 @@ class Pipeline:
         out = self._pseudolabel(1)
         return {"pseudo_labels": str(out / "pseudo_labels.json"), "stats": read_json(out / "stats.json")}
 
+    def final_init_weights(self, round_: int) -> str | None:
+        """The checkpoint the round's final model starts from, or None (its config's MODEL.WEIGHTS).
+
+        ``final.init: best`` picks the radiologist with the highest validation mask AP (its
+        model_best.json); a name picks that one. The weights must fit the final model's
+        architecture: a different backbone would load only in part, so it is an error."""
+        init = self.cfg["final"]["init"]
+        if init == "scratch":
+            return None
+        if round_ > 1:
+            teacher = self.final_dir(round_ - 1)
+        else:
+            from d2ct.pseudolabel.radiologists import Radiologist
+
+            teachers = {r["name"]: Radiologist.from_output_dir(d, threshold=r["threshold"], name=r["name"])
+                        for r, d in zip(self.cfg["radiologists"], self.radiologist_dirs())}
+            name = max(teachers, key=lambda n: teachers[n].ap) if init == "best" else init
+            teacher = Path(teachers[name].weights).parent
+            logger.info("final model round 1 starts from radiologist %s (validation mask AP %.1f): %s",
+                        name, teachers[name].ap, teachers[name].weights)
+        from d2ct.engine.predictor import load_trained
+
+        teacher_cfg, weights = load_trained(teacher)
+        final_cfg = self._final_cfg()
+        for key in ("RESNETS.DEPTH", "RESNETS.NUM_GROUPS", "RESNETS.WIDTH_PER_GROUP", "RESNETS.NORM",
+                    "RESNETS.STRIDE_IN_1X1", "RESNETS.RES2_OUT_CHANNELS", "FPN.NORM", "ROI_BOX_HEAD.NAME", "ROI_BOX_HEAD.NUM_CONV"):
+            section, name = key.split(".")
+            a, b = teacher_cfg.MODEL[section][name], final_cfg.MODEL[section][name]
+            if a != b:
+                raise StageError(
+                    f"final.init={init}: {teacher} has MODEL.{key}={a!r} but the final config "
+                    f"{self.cfg['final']['config']} has {b!r}; its weights would load only in part. Name a "
+                    f"radiologist with the final model's architecture in final.init, or use final.init=scratch")
+        return weights
+
+    def _final_cfg(self):
+        from d2ct.config import setup_cfg
+
+        return setup_cfg(self.cfg["final"]["config"], [str(o) for o in self.cfg["opts"] + self.cfg["final"]["opts"]])
+
     def stage_final(self) -> dict:
         outputs = {}
         for round_ in range(1, int(self.cfg["pseudolabel"]["rounds"]) + 1):
             folder = self._pseudolabel(round_)
-            if read_json(folder / "stats.json")["labelled_images"] == 0:
+            opts = list(self.cfg["final"]["opts"])
+            weights = self.final_init_weights(round_)
+            if weights:
+                opts += ["MODEL.WEIGHTS", weights]
+            if not self.cfg["final"]["pseudo_labels"]:
+                logger.info("round %d: final.pseudo_labels is false: the final model trains on the labelled "
+                            "images only", round_)
+                out = self.train(self.cfg["final"]["config"], self.final_dir(round_), [f"{self.name}_train"],
+                                 model_opts=opts)
+            elif read_json(folder / "stats.json")["labelled_images"] == 0:
                 logger.warning("round %d: no pool image kept a pseudo-label above the thresholds; the final "
                                "model trains on the labelled images only", round_)
                 out = self.train(self.cfg["final"]["config"], self.final_dir(round_), [f"{self.name}_train"],
-                                 model_opts=self.cfg["final"]["opts"])
+                                 model_opts=opts)
             else:
                 out = self.train(self.cfg["final"]["config"], self.final_dir(round_),
                                  [f"{self.name}_train", f"{self.name}_pseudo"], [str(folder / "pseudo_labels.json")],
-                                 model_opts=self.cfg["final"]["opts"])
+                                 model_opts=opts)
             outputs[f"round{round_}"] = str(out)
         return outputs
 
