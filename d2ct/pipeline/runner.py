@@ -296,20 +296,23 @@ class Pipeline:
         else:
             from d2ct.pseudolabel.radiologists import Radiologist
 
-            teachers = {r["name"]: Radiologist.from_output_dir(d, threshold=r["threshold"], name=r["name"])
-                        for r, d in zip(self.cfg["radiologists"], self.radiologist_dirs())}
-            name = max(teachers, key=lambda n: teachers[n].ap) if init == "best" else init
-            teacher = Path(teachers[name].weights).parent
-            logger.info("final model round 1 starts from radiologist %s (validation mask AP %.1f): %s",
-                        name, teachers[name].ap, teachers[name].weights)
+            dirs = {r["name"]: d for r, d in zip(self.cfg["radiologists"], self.radiologist_dirs())}
+            if init == "best":
+                aps = {n: Radiologist.from_output_dir(d, name=n).ap for n, d in dirs.items()}
+                init_name = max(aps, key=aps.get)
+                logger.info("final model round 1 starts from radiologist %s, the best by validation mask AP "
+                            "(%.1f)", init_name, aps[init_name])
+            else:
+                init_name = init
+            teacher = dirs[init_name]
         from d2ct.engine.predictor import load_trained
 
         teacher_cfg, weights = load_trained(teacher)
         final_cfg = self._final_cfg()
         for key in ("RESNETS.DEPTH", "RESNETS.NUM_GROUPS", "RESNETS.WIDTH_PER_GROUP", "RESNETS.NORM",
                     "RESNETS.STRIDE_IN_1X1", "RESNETS.RES2_OUT_CHANNELS", "FPN.NORM", "ROI_BOX_HEAD.NAME", "ROI_BOX_HEAD.NUM_CONV"):
-            section, name = key.split(".")
-            a, b = teacher_cfg.MODEL[section][name], final_cfg.MODEL[section][name]
+            section, field = key.split(".")
+            a, b = teacher_cfg.MODEL[section][field], final_cfg.MODEL[section][field]
             if a != b:
                 raise StageError(
                     f"final.init={init}: {teacher} has MODEL.{key}={a!r} but the final config "
@@ -330,20 +333,16 @@ class Pipeline:
             weights = self.final_init_weights(round_)
             if weights:
                 opts += ["MODEL.WEIGHTS", weights]
+            train_sets, pseudo = [f"{self.name}_train"], None
             if not self.cfg["final"]["pseudo_labels"]:
                 logger.info("round %d: final.pseudo_labels is false: the final model trains on the labelled "
                             "images only", round_)
-                out = self.train(self.cfg["final"]["config"], self.final_dir(round_), [f"{self.name}_train"],
-                                 model_opts=opts)
             elif read_json(folder / "stats.json")["labelled_images"] == 0:
                 logger.warning("round %d: no pool image kept a pseudo-label above the thresholds; the final "
                                "model trains on the labelled images only", round_)
-                out = self.train(self.cfg["final"]["config"], self.final_dir(round_), [f"{self.name}_train"],
-                                 model_opts=opts)
             else:
-                out = self.train(self.cfg["final"]["config"], self.final_dir(round_),
-                                 [f"{self.name}_train", f"{self.name}_pseudo"], [str(folder / "pseudo_labels.json")],
-                                 model_opts=opts)
+                train_sets, pseudo = train_sets + [f"{self.name}_pseudo"], [str(folder / "pseudo_labels.json")]
+            out = self.train(self.cfg["final"]["config"], self.final_dir(round_), train_sets, pseudo, model_opts=opts)
             outputs[f"round{round_}"] = str(out)
         return outputs
 
