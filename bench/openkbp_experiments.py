@@ -16,7 +16,10 @@ Variants: ``main`` (partition, 1 round, pseudo-label threshold 0.7: the publishe
 ``thr05`` (partition with pseudo-label threshold 0.5: more, noisier labels), ``warmstart`` (the
 final model starts from the best radiologist's weights and trains 600 iterations on labelled +
 pseudo-labelled slices) and ``warmstart_labelled`` (its control: the same start and schedule on the
-labelled slices alone, which shows what the pseudo-labels add beyond the extra iterations).
+labelled slices alone, which shows what the pseudo-labels add beyond the extra iterations),
+``warmstart_repeat3`` (the warm start with the labelled split listed three times, so the human
+labels weigh as much as the pseudo-labels) and ``warmstart_thr09`` (the warm start on pseudo-labels
+kept above score 0.9 only: fewer, cleaner labels).
 """
 from __future__ import annotations
 
@@ -42,10 +45,18 @@ VARIANTS = {
     "warmstart": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best"],
     "warmstart_labelled": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
                            "final.pseudo_labels=false"],
+    "warmstart_repeat3": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                          "final.labelled_repeat=3"],
+    "warmstart_thr09": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                        *[f"radiologists.{i}.threshold=0.9" for i in range(3)]],
 }
 # variants whose round-1 pseudo-labels are the same (same models, thresholds, mode and seed): the
 # first one to finish them shares its folder with the others instead of labelling the pool again
-SAME_PSEUDOLABELS = ("main", "warmstart", "warmstart_labelled")
+SAME_PSEUDOLABELS = ("main", "warmstart", "warmstart_labelled", "warmstart_repeat3")
+# variants that differ from the main run only in the radiologists' thresholds: same seed, same
+# partition, same models, so the main run's raw per-model predictions are reused (the cache holds
+# every instance down to the model's SCORE_THRESH_TEST)
+SAME_RAW_PREDICTIONS = ("thr05", "warmstart_thr09")
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
            ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50")]
 
@@ -64,10 +75,8 @@ def run_variant(args, variant: str) -> None:
         for folder in ("pseudolabels", "final"):  # round 1 is the main run's: copy it, do not redo it
             if not (out / folder).exists():
                 shutil.copytree(base / folder, out / folder)
-    if variant == "thr05" and (base / "pseudolabels" / "cache").is_dir() and not (out / "pseudolabels").exists():
-        # same seed, same partition, same models: only the threshold differs, so the main run's raw
-        # per-model predictions are reused (the cache holds every instance down to the model's
-        # SCORE_THRESH_TEST)
+    if variant in SAME_RAW_PREDICTIONS and (base / "pseudolabels" / "cache").is_dir() \
+            and not (out / "pseudolabels").exists():
         shutil.copytree(base / "pseudolabels" / "cache", out / "pseudolabels" / "cache")
     if variant in SAME_PSEUDOLABELS and not (out / "pseudolabels" / "stats.json").exists():
         for other in SAME_PSEUDOLABELS:

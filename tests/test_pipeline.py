@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import yaml
 
 from d2ct.data.coco import load_coco_dicts
 from d2ct.data.labels_csv import read_labels_csv
@@ -176,3 +177,49 @@ def test_final_init_picks_the_best_radiologist_and_refuses_another_backbone(pipe
         load_pipeline_config("configs/demo/pipeline.yaml", ["final.init=nobody"])
     with pytest.raises(ConfigError, match="final.pseudo_labels must be true or false"):
         load_pipeline_config("configs/demo/pipeline.yaml", ["final.pseudo_labels=maybe"])
+
+
+def test_final_training_sets_follow_pseudo_labels_and_labelled_repeat(tmp_path, monkeypatch):
+    """stage_final's DATASETS.TRAIN: the labelled split (repeated final.labelled_repeat times) plus the
+    pseudo-labels; the labelled split alone when final.pseudo_labels is false or nothing was kept."""
+    from d2ct.pipeline.runner import Pipeline
+
+    folder = tmp_path / "run" / "pseudolabels"
+    folder.mkdir(parents=True)
+    (folder / "pseudo_labels.json").write_text("{}")
+
+    def final_sets(sets, labelled_images=5):
+        (folder / "stats.json").write_text(json.dumps({"labelled_images": labelled_images}))
+        pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", [f"output_dir={tmp_path / 'run'}", *sets]))
+        calls = []
+        monkeypatch.setattr(pipe, "train", lambda config, out, train_sets, pseudo=None, model_opts=None:
+                            calls.append((train_sets, pseudo)) or out)
+        pipe.stage_final()
+        return calls
+
+    pseudo = [str(folder / "pseudo_labels.json")]
+    assert final_sets([]) == [(["phantom_train", "phantom_pseudo"], pseudo)]
+    assert final_sets(["final.labelled_repeat=3"]) == [(["phantom_train"] * 3 + ["phantom_pseudo"], pseudo)]
+    assert final_sets(["final.labelled_repeat=3", "final.pseudo_labels=false"]) == [(["phantom_train"], None)]
+    assert final_sets(["final.labelled_repeat=3"], labelled_images=0) == [(["phantom_train"], None)]
+    for bad in ("0", "two", "1.5", "true"):
+        with pytest.raises(ConfigError, match="final.labelled_repeat must be a whole number of at least 1"):
+            load_pipeline_config("configs/demo/pipeline.yaml", [f"final.labelled_repeat={bad}"])
+
+
+def test_warm_started_final_model_trains_from_its_teacher(pipeline_run, tmp_path):
+    """final.init=<radiologist>: a real final training that starts from that teacher's model_best.pth,
+    with the labelled split listed twice next to the pseudo-labels."""
+    out, _, _, _ = pipeline_run
+    run = tmp_path / "run"
+    run_tool("run_pipeline.py", "--config", "configs/demo/pipeline.yaml", "--until", "final", "--set",
+             f"output_dir={run}", f"data.root={out}/data/phantom", *TINY_PIPELINE,
+             f"radiologists_dir={out / 'radiologists'}", "final.init=r101", "final.labelled_repeat=2", timeout=900)
+    teacher = str(out / "radiologists" / "r101" / "model_best.pth")
+    final_cfg = yaml.safe_load((run / "final" / "config.yaml").read_text())
+    assert final_cfg["MODEL"]["WEIGHTS"] == teacher
+    assert f"Loading from {teacher}" in (run / "final" / "log.txt").read_text()
+    labelled = json.loads((run / "pseudolabels" / "stats.json").read_text())["labelled_images"]
+    expected = ["phantom_train", "phantom_train", "phantom_pseudo"] if labelled else ["phantom_train"]
+    assert list(final_cfg["DATASETS"]["TRAIN"]) == expected
+    assert (run / "final" / "model_final.pth").exists() and not (run / "stages" / "predict.json").exists()

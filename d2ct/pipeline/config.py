@@ -50,7 +50,10 @@ DEFAULTS: dict[str, Any] = {
     # where its best teacher stopped) or a radiologist's name. Rounds after the first start from
     # the previous round's final model unless init is "scratch". pseudo_labels: false trains the
     # final model on the labelled images alone (the ablation that shows what pseudo-labels add).
-    "final": {"config": None, "threshold": 0.7, "opts": [], "init": "scratch", "pseudo_labels": True},
+    # labelled_repeat: the labelled split is listed this many times in DATASETS.TRAIN, so a few
+    # hundred human labels are not outnumbered by several times as many pseudo-labelled slices.
+    "final": {"config": None, "threshold": 0.7, "opts": [], "init": "scratch", "pseudo_labels": True,
+              "labelled_repeat": 1},
     "predict": {"flip_tta": False, "score_threshold": 0.5, "min_area": 5, "fallback_top_k": 3, "batch_size": 4},
     "report": {"overlays": 6},
     "opts": [],  # KEY VALUE overrides applied to every training config (before each model's own opts)
@@ -154,6 +157,9 @@ def validate(cfg: dict, source: str) -> None:
                           f"({', '.join(sorted(names))}), got {init!r}")
     if not isinstance(cfg["final"]["pseudo_labels"], bool):
         raise ConfigError(f"{source}: final.pseudo_labels must be true or false")
+    repeat = cfg["final"]["labelled_repeat"]
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ConfigError(f"{source}: final.labelled_repeat must be a whole number of at least 1, got {repeat!r}")
     if cfg["pseudolabel"]["mode"] not in ("partition", "consensus"):
         raise ConfigError(f"{source}: pseudolabel.mode must be partition or consensus")
     if int(cfg["pseudolabel"]["rounds"]) < 1:

@@ -341,7 +341,12 @@ class Pipeline:
                 logger.warning("round %d: no pool image kept a pseudo-label above the thresholds; the final "
                                "model trains on the labelled images only", round_)
             else:
-                train_sets, pseudo = train_sets + [f"{self.name}_pseudo"], [str(folder / "pseudo_labels.json")]
+                repeat = int(self.cfg["final"]["labelled_repeat"])
+                train_sets = train_sets * repeat + [f"{self.name}_pseudo"]
+                pseudo = [str(folder / "pseudo_labels.json")]
+                if repeat > 1:
+                    logger.info("round %d: the labelled split is listed %d times next to the pseudo-labels",
+                                round_, repeat)
             out = self.train(self.cfg["final"]["config"], self.final_dir(round_), train_sets, pseudo, model_opts=opts)
             outputs[f"round{round_}"] = str(out)
         return outputs
