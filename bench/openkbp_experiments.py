@@ -18,8 +18,10 @@ final model starts from the best radiologist's weights and trains 600 iterations
 pseudo-labelled slices) and ``warmstart_labelled`` (its control: the same start and schedule on the
 labelled slices alone, which shows what the pseudo-labels add beyond the extra iterations),
 ``warmstart_repeat3`` (the warm start with the labelled split listed three times, so the human
-labels weigh as much as the pseudo-labels) and ``warmstart_thr09`` (the warm start on pseudo-labels
-kept above score 0.9 only: fewer, cleaner labels).
+labels weigh as much as the pseudo-labels), ``warmstart_thr09`` (the warm start on pseudo-labels
+kept above score 0.9 only: fewer, cleaner labels), ``warmstart_ignore`` (the warm start with the
+teachers' uncertain instances, scored 0.3-0.7, as ignore regions instead of background) and
+``warmstart_consensus`` (the warm start on consensus pseudo-labels).
 """
 from __future__ import annotations
 
@@ -49,14 +51,19 @@ VARIANTS = {
                           "final.labelled_repeat=3"],
     "warmstart_thr09": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
                         *[f"radiologists.{i}.threshold=0.9" for i in range(3)]],
+    "warmstart_ignore": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                         "pseudolabel.ignore_below=0.3"],
+    "warmstart_consensus": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                            "pseudolabel.mode=consensus"],
 }
 # variants whose round-1 pseudo-labels are the same (same models, thresholds, mode and seed): the
 # first one to finish them shares its folder with the others instead of labelling the pool again
 SAME_PSEUDOLABELS = ("main", "warmstart", "warmstart_labelled", "warmstart_repeat3")
-# variants that differ from the main run only in the radiologists' thresholds: same seed, same
-# partition, same models, so the main run's raw per-model predictions are reused (the cache holds
-# every instance down to the model's SCORE_THRESH_TEST)
-SAME_RAW_PREDICTIONS = ("thr05", "warmstart_thr09")
+# variants that differ from the main run only in what they keep of the radiologists' predictions
+# (thresholds, ignore regions): same seed, same partition, same models, so the raw per-model
+# predictions of whichever partition run finished first are reused (the cache holds every instance
+# down to the model's SCORE_THRESH_TEST)
+SAME_RAW_PREDICTIONS = ("thr05", "warmstart_thr09", "warmstart_ignore")
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
            ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50")]
 
@@ -75,9 +82,13 @@ def run_variant(args, variant: str) -> None:
         for folder in ("pseudolabels", "final"):  # round 1 is the main run's: copy it, do not redo it
             if not (out / folder).exists():
                 shutil.copytree(base / folder, out / folder)
-    if variant in SAME_RAW_PREDICTIONS and (base / "pseudolabels" / "cache").is_dir() \
-            and not (out / "pseudolabels").exists():
-        shutil.copytree(base / "pseudolabels" / "cache", out / "pseudolabels" / "cache")
+    if variant in SAME_RAW_PREDICTIONS and not (out / "pseudolabels").exists():
+        for other in SAME_PSEUDOLABELS:
+            cache = run_dir(base, other) / "pseudolabels" / "cache"
+            if (run_dir(base, other) / "pseudolabels" / "stats.json").exists() and cache.is_dir():
+                print(f"[openkbp] {variant}: raw predictions are {other}'s: copying {cache}", flush=True)
+                shutil.copytree(cache, out / "pseudolabels" / "cache")
+                break
     if variant in SAME_PSEUDOLABELS and not (out / "pseudolabels" / "stats.json").exists():
         for other in SAME_PSEUDOLABELS:
             done = run_dir(base, other) / "pseudolabels"

@@ -223,3 +223,25 @@ def test_warm_started_final_model_trains_from_its_teacher(pipeline_run, tmp_path
     expected = ["phantom_train", "phantom_train", "phantom_pseudo"] if labelled else ["phantom_train"]
     assert list(final_cfg["DATASETS"]["TRAIN"]) == expected
     assert (run / "final" / "model_final.pth").exists() and not (run / "stages" / "predict.json").exists()
+
+
+def test_ignore_below_reaches_the_pseudolabel_tool_and_is_checked(tmp_path, monkeypatch):
+    from d2ct.pipeline.runner import Pipeline
+
+    def pseudolabel_args(sets):
+        pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", [f"output_dir={tmp_path}", *sets]))
+        calls = []
+        monkeypatch.setattr(pipe, "_run_tool", lambda tool, args, log_name: calls.append([str(a) for a in args]))
+        pipe._pseudolabel(1)
+        return calls[0]
+
+    args = pseudolabel_args(["pseudolabel.ignore_below=0.3"])
+    assert args[args.index("--ignore-below") + 1] == "0.3"
+    assert "--ignore-below" not in pseudolabel_args([])  # default: the published method
+    for bad, message in (("pseudolabel.ignore_below=0.9", "must be below every pseudo-label threshold"),
+                         ("pseudolabel.ignore_below=-1", "must be a score >= 0"),
+                         ("pseudolabel.ignore_below=yes", "must be a score >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            load_pipeline_config("configs/demo/pipeline.yaml", [bad])
+    with pytest.raises(ConfigError, match="needs pseudolabel.mode partition"):
+        load_pipeline_config("configs/demo/pipeline.yaml", ["pseudolabel.ignore_below=0.1", "pseudolabel.mode=consensus"])

@@ -119,6 +119,38 @@ def test_pseudolabel_tool_end_to_end(tiny_model, tiny_phantom, tmp_path):
     assert "0 of 8 pool images" in strict.stdout
 
 
+def test_pseudolabel_tool_writes_uncertain_instances_as_ignore_regions(tiny_model, tiny_phantom, tmp_path):
+    """A model's cached predictions replaced by known ones (a sure, an unsure and a faint structure
+    per slice): --ignore-below keeps the unsure one as an ignore region, drops the faint one."""
+    from pycocotools import mask as mask_utils
+
+    out = tmp_path / "pl"
+    common = ["--models", tiny_model, "--aps", "30", "--data", tiny_phantom, "--out", out, "--min-area", "1"]
+    run_tool("pseudolabel.py", *common, "--thresholds", "0.0")
+    cache = json.loads((out / "cache" / "r50.json").read_text())
+    for image in cache["images"]:
+        h, w = image["height"], image["width"]
+        boxes = [_box(h, w, 5, 25, 5, 25), _box(h, w, 40, 60, 40, 60), _box(h, w, 70, 80, 5, 15)]
+        rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in boxes]
+        image["rles"] = [{"size": r["size"], "counts": r["counts"].decode()} for r in rles]
+        image["scores"] = [0.9, 0.5, 0.1]
+    (out / "cache" / "r50.json").write_text(json.dumps(cache))
+    proc = run_tool("pseudolabel.py", *common, "--thresholds", "0.7", "--ignore-below", "0.3")
+    assert "predictions read from" in proc.stdout + proc.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    dicts = load_coco_dicts(out / "pseudo_labels.json")
+    assert stats["labelled_images"] == len(dicts) == len(cache["images"])
+    assert stats["instances"] == stats["ignore_regions"] == len(dicts) and stats["ignore_below"] == 0.3
+    for d in dicts:
+        assert [(round(a["score"], 3), a["iscrowd"]) for a in d["annotations"]] == [(0.9, 0), (0.5, 1)]
+    assert "ignore regions" in (out / "report.md").read_text()
+    for bad, message in ((["--thresholds", "0.7", "--ignore-below", "0.7"], "below every model's threshold"),
+                         (["--thresholds", "0.7", "--ignore-below", "0.3", "--mode", "consensus"],
+                          "partition mode only")):
+        proc = run_tool("pseudolabel.py", *common, *bad, check=False)
+        assert proc.returncode == 2 and message in proc.stdout + proc.stderr
+
+
 def test_two_cpu_processes_give_the_same_pseudo_labels(tiny_model, tiny_phantom, tmp_path):
     common = ["--models", tiny_model, "--aps", "30", "--thresholds", "0.0", "--data", tiny_phantom, "--min-area", "1"]
     run_tool("pseudolabel.py", *common, "--out", tmp_path / "one")

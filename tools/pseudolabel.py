@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-model-score", type=float, default=0.9,
                    help="consensus: keep a structure seen by fewer models when one scores at least this")
     p.add_argument("--consensus-iou", type=float, default=0.5, help="consensus: mask IoU of the same structure")
+    p.add_argument("--ignore-below", type=float, default=None, metavar="S",
+                   help="partition: also keep instances scored from S up to the model's threshold, as ignore "
+                        "regions (COCO iscrowd) that the final training learns neither as structure nor as "
+                        "background (default: dropped, the published method)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs, or CPU processes)")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
@@ -79,10 +83,12 @@ def main(args):
         radiologists, pool, args.out, mode=args.mode, seed=args.seed, min_area=args.min_area,
         batch_size=args.batch_size, flip_tta=args.flip_tta,
         consensus=ConsensusOptions(args.consensus_iou, args.min_votes, args.single_model_score),
+        ignore_below=args.ignore_below,
     )
     if stats is not None:
         print(f"{stats['labelled_images']} of {stats['pool_images']} pool images pseudo-labelled "
-              f"({stats['instances']} instances, {stats['excluded_images']} excluded) -> {args.out}/pseudo_labels.json")
+              f"({stats['instances']} instances, {stats['ignore_regions']} ignore regions, "
+              f"{stats['excluded_images']} excluded) -> {args.out}/pseudo_labels.json")
 
 
 def cli(argv=None) -> int:

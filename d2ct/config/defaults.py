@@ -22,6 +22,10 @@ def add_d2ct_config(cfg: CN) -> CN:
     # Pseudo-labelled sets (COCO JSON written by tools/pseudolabel.py), registered as
     # <DATA_NAME>_pseudo, <DATA_NAME>_pseudo1, ... in the order given.
     _C.D2CT.PSEUDO_LABELS = []
+    # Crowd annotations (iscrowd 1; tools/pseudolabel.py --ignore-below writes the uncertain
+    # pseudo-labels so) are ignore regions: the ROI heads sample no proposal matched to them, as
+    # neither structure nor background. False drops them, as Detectron2's DatasetMapper does.
+    _C.D2CT.CROWD_AS_IGNORE = True
 
     # Augmentation suited to CT slices. Intensity jitter is limited to +-10% (it would change what
     # a grey level means in HU) unless UNRESTRICTED_INTENSITY is set.

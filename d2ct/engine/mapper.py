@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 # Intensity jitter beyond this changes what a grey level means in HU: it needs an explicit flag.
 MAX_SAFE_INTENSITY_JITTER = 0.10
+# gt_classes of an ignore region. Detectron2's ROI heads already treat a -1 label as "ignore":
+# proposals matched to such an instance (IoU >= the foreground threshold) are sampled neither as
+# foreground nor as background, so they add no box, class or mask loss.
+IGNORE_CLASS = -1
 
 
 def slice_to_uint8(image: np.ndarray, level: float = 40.0, width: float = 400.0, offset: float = 1024.0) -> np.ndarray:
@@ -81,17 +85,25 @@ class CTDatasetMapper(DatasetMapper):
 
     Boxes are recomputed from the transformed masks during training: after a rotation the
     transformed box would no longer be tight.
+
+    Crowd annotations (COCO ``iscrowd`` 1: the pseudo-labels' uncertain instances) become ignore
+    regions with ``crowd_as_ignore`` (``D2CT.CROWD_AS_IGNORE``): instances of class
+    ``IGNORE_CLASS``, which the ROI heads leave out of their samples. The RPN sees their boxes
+    like any other and learns them as objects: proposing a region is cheap, the heads decide.
+    Without it they are dropped, as Detectron2's own mapper does, and the region is background.
     """
 
     @configurable
-    def __init__(self, is_train: bool = True, **kwargs):
+    def __init__(self, is_train: bool = True, *, crowd_as_ignore: bool = True, **kwargs):
         super().__init__(is_train, **kwargs)
+        self.crowd_as_ignore = crowd_as_ignore
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
         ret["augmentations"] = build_ct_augmentation(cfg, is_train)
         ret["recompute_boxes"] = bool(is_train and cfg.MODEL.MASK_ON)
+        ret["crowd_as_ignore"] = bool(cfg.D2CT.CROWD_AS_IGNORE)
         return ret
 
     def __call__(self, dataset_dict):
@@ -106,5 +118,9 @@ class CTDatasetMapper(DatasetMapper):
             dataset_dict.pop("annotations", None)
             return dataset_dict
         if "annotations" in dataset_dict:
+            if self.crowd_as_ignore:
+                for ann in dataset_dict["annotations"]:
+                    if ann.get("iscrowd", 0):
+                        ann["iscrowd"], ann["category_id"] = 0, IGNORE_CLASS
             self._transform_annotations(dataset_dict, transforms, image.shape[:2])
         return dataset_dict

@@ -44,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
         "limit": 0,
         "min_votes": 2,
         "single_model_score": 0.9,
+        # partition mode: instances scored from ignore_below up to the model's threshold become
+        # ignore regions in the final training (null: dropped, the published method)
+        "ignore_below": None,
     },
     # init: "scratch" (the final config's MODEL.WEIGHTS, the published method), "best" (the
     # teachers' model with the highest validation mask AP: a warm start, a student that begins
@@ -162,6 +165,16 @@ def validate(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: final.labelled_repeat must be a whole number of at least 1, got {repeat!r}")
     if cfg["pseudolabel"]["mode"] not in ("partition", "consensus"):
         raise ConfigError(f"{source}: pseudolabel.mode must be partition or consensus")
+    ignore = cfg["pseudolabel"]["ignore_below"]
+    if ignore is not None:
+        if isinstance(ignore, bool) or not isinstance(ignore, (int, float)) or ignore < 0:
+            raise ConfigError(f"{source}: pseudolabel.ignore_below must be a score >= 0 or null, got {ignore!r}")
+        if cfg["pseudolabel"]["mode"] != "partition":
+            raise ConfigError(f"{source}: pseudolabel.ignore_below needs pseudolabel.mode partition")
+        low = min([r["threshold"] for r in rads] + [cfg["final"]["threshold"]])
+        if ignore >= low:
+            raise ConfigError(f"{source}: pseudolabel.ignore_below ({ignore}) must be below every pseudo-label "
+                              f"threshold (radiologists' and final.threshold; lowest {low})")
     if int(cfg["pseudolabel"]["rounds"]) < 1:
         raise ConfigError(f"{source}: pseudolabel.rounds must be at least 1")
     for key, opts in (("opts", cfg["opts"]), ("final.opts", cfg["final"]["opts"])):

@@ -275,6 +275,8 @@ class Pipeline:
             args.append("--flip-tta")
         if p["limit"]:
             args += ["--limit", p["limit"]]
+        if p["ignore_below"] is not None:
+            args += ["--ignore-below", p["ignore_below"]]
         self._run_tool("pseudolabel.py", args, out.name)
         return out
 

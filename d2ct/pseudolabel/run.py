@@ -3,7 +3,9 @@
 Outputs, in ``out_dir``:
 - ``pseudo_labels.json``: COCO instances (single class, RLE, ``score`` per annotation) of the
   images that kept at least one instance; register it with ``register_coco_json`` or name it in
-  ``D2CT.PSEUDO_LABELS`` for the final training.
+  ``D2CT.PSEUDO_LABELS`` for the final training. With ``ignore_below`` the uncertain instances
+  (scored between it and the model's threshold) are written too, as ignore regions (``iscrowd``
+  1): the final training neither learns them as structures nor as background.
 - ``stats.json`` and ``report.md``: images labelled per model, instances per image, exclusions.
 - ``score_histogram.png`` and ``overlays.png``: what a person should look at before trusting them.
 - ``cache/<model>.json``: each model's raw predictions; a killed run resumes from them.
@@ -87,10 +89,17 @@ def predict_pool(model: Radiologist, named_paths: Sequence[tuple[str, str]], cac
 # ----------------------------------------------------------------------------------------------
 # instances -> non-overlapping annotations
 # ----------------------------------------------------------------------------------------------
-def resolve_overlaps(scores: np.ndarray, masks: np.ndarray, *, threshold: float, min_area: int) -> list[dict]:
+def resolve_overlaps(scores: np.ndarray, masks: np.ndarray, *, threshold: float, min_area: int,
+                     ignore_below: float | None = None) -> list[dict]:
     """Keep instances >= threshold, let the higher score win overlaps, drop pieces < min_area;
-    return COCO-style annotations (RLE) with their scores."""
-    keep = np.flatnonzero(scores >= threshold)
+    return COCO-style annotations (RLE) with their scores.
+
+    ``ignore_below``: instances scored in [ignore_below, threshold) are kept too, as ignore
+    regions (``iscrowd`` 1). A teacher that is unsure about a structure has usually seen a real
+    one; left out, it would be trained as background on that slice (the missing-label problem of
+    pseudo-labels). They lose every overlap with a kept instance, which always scores higher."""
+    low = threshold if ignore_below is None else min(float(ignore_below), threshold)
+    keep = np.flatnonzero(scores >= low)
     if len(keep) == 0:
         return []
     scores, masks = scores[keep], masks[keep]
@@ -98,6 +107,7 @@ def resolve_overlaps(scores: np.ndarray, masks: np.ndarray, *, threshold: float,
     annotations = label_map_to_instances(label_map, min_area=min_area)
     for ann in annotations:
         ann["score"] = float(scores[ann["label_value"] - 1])
+        ann["iscrowd"] = int(ann["score"] < threshold)
     annotations.sort(key=lambda a: -a["score"])
     return annotations
 
@@ -116,6 +126,7 @@ def pseudo_label_pool(
     batch_size: int = 4,
     flip_tta: bool = False,
     consensus: ConsensusOptions | None = None,
+    ignore_below: float | None = None,
     overlays: int = 12,
 ) -> dict | None:
     """Pseudo-label ``pool`` = [(name, image path, image_id), ...]; returns the stats (rank 0).
@@ -123,11 +134,21 @@ def pseudo_label_pool(
     Partition (the published method): the pool is split at random (seeded) into groups whose
     sizes follow the radiologists' normalised validation APs; each labels its group with its own
     score threshold. Consensus: every model labels every image and only agreed structures stay.
+    ``ignore_below`` (partition mode): see :func:`resolve_overlaps`; images are kept and counted
+    by their structures, never by ignore regions alone.
     """
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {MODES}, got {mode!r}")
     if not radiologists:
         raise ConfigError("no radiologists given")
+    if ignore_below is not None:
+        if mode != "partition":
+            raise ConfigError("--ignore-below works in partition mode only (consensus fuses several models' "
+                              "instances and has no single score to call uncertain)")
+        lowest = min(r.threshold for r in radiologists)
+        if not 0.0 <= ignore_below < lowest:
+            raise ConfigError(f"--ignore-below {ignore_below} must be at least 0 and below every model's "
+                              f"threshold (lowest {lowest})")
     model_names = [r.name for r in radiologists]
     if len(set(model_names)) != len(model_names):
         raise ConfigError(f"two radiologists share a name ({model_names}): give distinct output folders")
@@ -152,10 +173,11 @@ def pseudo_label_pool(
                 continue
             kept = 0
             for pred in preds:
-                anns = resolve_overlaps(pred.scores, pred.masks(), threshold=model.threshold, min_area=min_area)
+                anns = resolve_overlaps(pred.scores, pred.masks(), threshold=model.threshold, min_area=min_area,
+                                        ignore_below=ignore_below)
                 annotations[pred.name] = anns
                 labelled_by[pred.name] = model.name
-                kept += bool(anns)
+                kept += _has_structure(anns)
             per_model[model.name] = {"assigned": len(group), "labelled": kept}
     else:
         all_preds = [predict_pool(m, [(n, by_name[n][0]) for n in names], cache_dir,
@@ -176,7 +198,7 @@ def pseudo_label_pool(
     dicts, excluded = [], []
     for name in names:
         anns = annotations.get(name, [])
-        if not anns:
+        if not _has_structure(anns):
             excluded.append(name)
             continue
         path, image_id = by_name[name]
@@ -186,8 +208,8 @@ def pseudo_label_pool(
     coco = to_coco_json(dicts, description=f"d2ct pseudo-labels ({mode})", image_root=out_dir.resolve())
     atomic_write_json(out_dir / "pseudo_labels.json", coco, indent=None)
 
-    all_scores = [a["score"] for d in dicts for a in d["annotations"]]
-    counts = [len(d["annotations"]) for d in dicts]
+    all_scores = [a["score"] for d in dicts for a in d["annotations"] if not a["iscrowd"]]
+    counts = [sum(not a["iscrowd"] for a in d["annotations"]) for d in dicts]
     stats = {
         "mode": mode,
         "seed": seed,
@@ -199,6 +221,8 @@ def pseudo_label_pool(
         "instances": int(sum(counts)),
         "instances_per_image": float(np.mean(counts)) if counts else 0.0,
         "score_mean": float(np.mean(all_scores)) if all_scores else None,
+        "ignore_below": ignore_below,
+        "ignore_regions": int(sum(a["iscrowd"] for d in dicts for a in d["annotations"])),
         "radiologists": [
             {"name": m.name, "ap": m.ap, "weight": float(w), "threshold": m.threshold, "weights_file": m.weights,
              **per_model.get(m.name, {})}
@@ -214,6 +238,11 @@ def pseudo_label_pool(
     return stats
 
 
+def _has_structure(annotations: list[dict]) -> bool:
+    """At least one annotation that is a structure, not an ignore region."""
+    return any(not a.get("iscrowd") for a in annotations)
+
+
 def _write_pictures(out_dir: Path, dicts: list[dict], scores: list[float], n_overlays: int, seed: int) -> None:
     from d2ct.visualization.overlay import overlay_grid, score_histogram
 
@@ -224,9 +253,9 @@ def _write_pictures(out_dir: Path, dicts: list[dict], scores: list[float], n_ove
         items = []
         for i in chosen:
             d = dicts[i]
-            label_map = instances_to_label_map([a["segmentation"] for a in d["annotations"]],
-                                               [a["score"] for a in d["annotations"]])
-            items.append((d["file_name"], label_map, f"{d['name']} ({d['labelled_by']}, {len(d['annotations'])})"))
+            structures = [a for a in d["annotations"] if not a["iscrowd"]]  # ignore regions are not drawn
+            label_map = instances_to_label_map([a["segmentation"] for a in structures], [a["score"] for a in structures])
+            items.append((d["file_name"], label_map, f"{d['name']} ({d['labelled_by']}, {len(structures)})"))
         overlay_grid(items, out_dir / "overlays.png", title="pseudo-labels (random sample)")
 
 
@@ -238,6 +267,8 @@ def format_report(stats: dict) -> str:
         f"- kept (at least one instance): {stats['labelled_images']}; excluded (none above threshold): "
         f"{stats['excluded_images']}",
         f"- instances: {stats['instances']} ({stats['instances_per_image']:.1f} per kept image)",
+        *([f"- ignore regions (scored from {stats['ignore_below']} up to the model's threshold): "
+           f"{stats['ignore_regions']}"] if stats.get("ignore_below") is not None else []),
         "",
         "| radiologist | val mask AP | weight | threshold | images assigned | images kept |",
         "|---|---|---|---|---|---|",
