@@ -161,3 +161,19 @@ def test_openkbp_variants_share_identical_pseudo_labels(tmp_path, monkeypatch):
     assert f"radiologists_dir={base / 'radiologists'}" in cmd
     openkbp_experiments.run_variant(args, "consensus")  # other pseudo-labels: labels the pool itself
     assert not (tmp_path / "cpu_pipeline_consensus" / "pseudolabels").exists()
+
+
+def test_openkbp_threshold_variants_reuse_the_raw_predictions_of_any_partition_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    base = tmp_path / "cpu_pipeline"
+    args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml")
+    openkbp_experiments.run_variant(args, "warmstart_ignore")  # nothing has run: it predicts itself
+    assert not (tmp_path / "cpu_pipeline_warmstart_ignore" / "pseudolabels").exists()
+    done = tmp_path / "cpu_pipeline_warmstart_labelled" / "pseudolabels"
+    (done / "cache").mkdir(parents=True)
+    (done / "cache" / "r50.json").write_text("{}")
+    (done / "stats.json").write_text("{}")
+    openkbp_experiments.run_variant(args, "warmstart_ignore")
+    assert (tmp_path / "cpu_pipeline_warmstart_ignore" / "pseudolabels" / "cache" / "r50.json").exists()
+    assert "pseudolabel.ignore_below=0.3" in calls[-1]
