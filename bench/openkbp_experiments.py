@@ -72,6 +72,25 @@ def run_dir(base: Path, variant: str) -> Path:
     return base if variant == "main" else base.parent / f"{base.name}_{variant}"
 
 
+def _copy_radiologist_predictions(args, base: Path, out: Path) -> None:
+    """Every variant scores the same radiologists (the main run's) on the same test split with the
+    same predict settings: take their predictions from a run that has them instead of predicting again."""
+    import yaml
+
+    names = [r["name"] for r in yaml.safe_load(Path(ROOT / args.config).read_text())["radiologists"]]
+    files = [f for n in names for f in (f"{n}.csv", f"{n}_instances.json")]
+    if all((out / "predict" / f).exists() for f in files):
+        return
+    for other in [run_dir(base, v) for v in VARIANTS]:
+        done = other / "predict"
+        if other != out and (other / "stages" / "predict.json").exists() and all((done / f).exists() for f in files):
+            print(f"[openkbp] radiologists' test predictions are {other.name}'s: copying them", flush=True)
+            (out / "predict").mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copyfile(done / f, out / "predict" / f)
+            return
+
+
 def run_variant(args, variant: str) -> None:
     base = Path(args.output)
     out = run_dir(base, variant)
@@ -97,6 +116,7 @@ def run_variant(args, variant: str) -> None:
                 shutil.rmtree(out / "pseudolabels", ignore_errors=True)  # a partial one of a killed run
                 shutil.copytree(done, out / "pseudolabels")
                 break
+    _copy_radiologist_predictions(args, base, out)
     cmd = [sys.executable, str(ROOT / "tools/run_pipeline.py"), "--config", args.config, "--set", *sets]
     print(f"[openkbp] {variant}: $ {' '.join(cmd)}", flush=True)
     start = time.time()

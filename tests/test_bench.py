@@ -177,3 +177,22 @@ def test_openkbp_threshold_variants_reuse_the_raw_predictions_of_any_partition_r
     openkbp_experiments.run_variant(args, "warmstart_ignore")
     assert (tmp_path / "cpu_pipeline_warmstart_ignore" / "pseudolabels" / "cache" / "r50.json").exists()
     assert "pseudolabel.ignore_below=0.3" in calls[-1]
+
+
+def test_openkbp_variants_reuse_the_radiologists_test_predictions(tmp_path, monkeypatch):
+    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: None)
+    base = tmp_path / "cpu_pipeline"
+    args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml")
+    done = tmp_path / "cpu_pipeline_warmstart_labelled"
+    (done / "predict").mkdir(parents=True)
+    for name in ("r50", "r101", "x101"):
+        (done / "predict" / f"{name}.csv").write_text(name)
+        (done / "predict" / f"{name}_instances.json").write_text("{}")
+    openkbp_experiments.run_variant(args, "warmstart_ignore")  # the other run's predict stage is unfinished
+    assert not (tmp_path / "cpu_pipeline_warmstart_ignore" / "predict").exists()
+    (done / "stages").mkdir()
+    (done / "stages" / "predict.json").write_text("{}")
+    (done / "predict" / "final.csv").write_text("not a radiologist's")
+    openkbp_experiments.run_variant(args, "warmstart_ignore")
+    copied = tmp_path / "cpu_pipeline_warmstart_ignore" / "predict"
+    assert (copied / "x101.csv").read_text() == "x101" and not (copied / "final.csv").exists()
