@@ -25,6 +25,15 @@ TINY_OPTS = [
 ]
 
 
+def box_mask(h: int, w: int, y0: int, y1: int, x0: int, x1: int):
+    """An (h, w) boolean mask with the rectangle [y0:y1, x0:x1] set."""
+    import numpy as np
+
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
 def run_tool(tool: str, *args, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run tools/<tool> in a subprocess from the project root; output captured as text."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -16,15 +16,10 @@ from d2ct.data.coco import dataset_dicts, load_coco_dicts, to_coco_json
 from d2ct.engine.mapper import IGNORE_CLASS, CTDatasetMapper
 from d2ct.pseudolabel.run import resolve_overlaps
 
+from .conftest import box_mask as _box
 from .conftest import train_tiny
 
 DEMO = "configs/demo/radiologist_r50.yaml"
-
-
-def _box(h, w, r0, r1, c0, c1):
-    m = np.zeros((h, w), bool)
-    m[r0:r1, c0:c1] = True
-    return m
 
 
 def test_uncertain_instances_become_ignore_regions_and_lose_overlaps():

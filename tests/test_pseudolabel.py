@@ -13,7 +13,7 @@ from d2ct.pseudolabel.consensus import consensus_instances
 from d2ct.pseudolabel.radiologists import Radiologist, group_sizes, normalised_weights, partition_pool
 from d2ct.pseudolabel.run import resolve_overlaps
 
-from .conftest import run_tool
+from .conftest import box_mask, run_tool
 
 
 def test_weights_are_normalised_validation_aps():
@@ -42,10 +42,7 @@ def test_partition_is_seeded_disjoint_and_complete():
     assert groups != partition_pool(names, [0.5, 0.3, 0.2], seed=2)
 
 
-def _box(h, w, y0, y1, x0, x1):
-    m = np.zeros((h, w), bool)
-    m[y0:y1, x0:x1] = True
-    return m
+_box = box_mask
 
 
 def test_consensus_keeps_agreed_and_confident_structures_only():
