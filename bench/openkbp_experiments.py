@@ -9,6 +9,8 @@ variants and each run's training table. Variants share the trained radiologists 
   python bench/openkbp_experiments.py                         # CPU configs, every variant
   python bench/openkbp_experiments.py --only main consensus   # a subset, in this order
   python bench/openkbp_experiments.py --table-only            # rebuild bench/OPENKBP.md from what has run
+  python bench/openkbp_experiments.py --radiologists r50 r101 --only warmstart_labelled warmstart_ignore
+      # two of the three teachers (a smaller CPU budget); run folders get the suffix _r50+r101
 
 Variants: ``main`` (partition, 1 round, pseudo-label threshold 0.7: the published method),
 ``consensus`` (every radiologist labels the whole pool; structures kept where two agree),
@@ -59,29 +61,47 @@ VARIANTS = {
 # variants whose round-1 pseudo-labels are the same (same models, thresholds, mode and seed): the
 # first one to finish them shares its folder with the others instead of labelling the pool again
 SAME_PSEUDOLABELS = ("main", "warmstart", "warmstart_labelled", "warmstart_repeat3")
-# variants that differ from the main run only in what they keep of the radiologists' predictions
-# (thresholds, ignore regions): same seed, same partition, same models, so the raw per-model
-# predictions of whichever partition run finished first are reused (the cache holds every instance
-# down to the model's SCORE_THRESH_TEST)
-SAME_RAW_PREDICTIONS = ("thr05", "warmstart_thr09", "warmstart_ignore")
+# variants whose first round is partition pseudo-labelling by the same models with the same seed:
+# they differ at most in what they keep of the radiologists' raw predictions (thresholds, ignore
+# regions), so the per-model predictions (pseudolabels/cache: every instance down to the model's
+# SCORE_THRESH_TEST) of whichever one finished first are reused
+PARTITION = tuple(v for v in VARIANTS if "consensus" not in v)
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
            ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50")]
 
 
-def run_dir(base: Path, variant: str) -> Path:
-    return base if variant == "main" else base.parent / f"{base.name}_{variant}"
+def run_dir(base: Path, variant: str, tag: str = "") -> Path:
+    """A variant's output folder; ``tag`` names a teacher subset (``_r50+r101``)."""
+    return base.parent / f"{base.name}{tag}" if variant == "main" else base.parent / f"{base.name}{tag}_{variant}"
+
+
+def radiologists(args) -> list[dict]:
+    """The pipeline config's radiologists, or the subset named by --radiologists (in config order)."""
+    import yaml
+
+    config = yaml.safe_load(Path(ROOT / args.config).read_text())["radiologists"]
+    wanted = getattr(args, "radiologists", None)
+    if not wanted:
+        return config
+    unknown = sorted(set(wanted) - {r["name"] for r in config})
+    if unknown:
+        raise SystemExit(f"--radiologists: {', '.join(unknown)} not in {args.config} "
+                         f"({', '.join(r['name'] for r in config)})")
+    return [r for r in config if r["name"] in wanted]
+
+
+def teacher_tag(args) -> str:
+    return "_" + "+".join(r["name"] for r in radiologists(args)) if getattr(args, "radiologists", None) else ""
 
 
 def _copy_radiologist_predictions(args, base: Path, out: Path) -> None:
     """Every variant scores the same radiologists (the main run's) on the same test split with the
     same predict settings: take their predictions from a run that has them instead of predicting again."""
-    import yaml
-
-    names = [r["name"] for r in yaml.safe_load(Path(ROOT / args.config).read_text())["radiologists"]]
+    names = [r["name"] for r in radiologists(args)]
     files = [f for n in names for f in (f"{n}.csv", f"{n}_instances.json")]
     if all((out / "predict" / f).exists() for f in files):
         return
-    for other in [run_dir(base, v) for v in VARIANTS]:
+    for other in [run_dir(base, v, tag) for v in VARIANTS for tag in {"", teacher_tag(args)}]:
         done = other / "predict"
         if other != out and (other / "stages" / "predict.json").exists() and all((done / f).exists() for f in files):
             print(f"[openkbp] radiologists' test predictions are {other.name}'s: copying them", flush=True)
@@ -93,28 +113,31 @@ def _copy_radiologist_predictions(args, base: Path, out: Path) -> None:
 
 def run_variant(args, variant: str) -> None:
     base = Path(args.output)
-    out = run_dir(base, variant)
+    tag = teacher_tag(args)
+    out = run_dir(base, variant, tag)
     sets = [f"output_dir={out}", *VARIANTS[variant]]
-    if variant != "main":
+    if out != base:  # the main run's radiologists, trained once
         sets.append(f"radiologists_dir={base / 'radiologists'}")
+    if tag:
+        sets.append("radiologists=" + json.dumps(radiologists(args)))
     if variant == "rounds2" and (base / "final" / "model_final.pth").exists():
         for folder in ("pseudolabels", "final"):  # round 1 is the main run's: copy it, do not redo it
             if not (out / folder).exists():
                 shutil.copytree(base / folder, out / folder)
-    if variant in SAME_RAW_PREDICTIONS and not (out / "pseudolabels").exists():
-        for other in SAME_PSEUDOLABELS:
-            cache = run_dir(base, other) / "pseudolabels" / "cache"
-            if (run_dir(base, other) / "pseudolabels" / "stats.json").exists() and cache.is_dir():
-                print(f"[openkbp] {variant}: raw predictions are {other}'s: copying {cache}", flush=True)
-                shutil.copytree(cache, out / "pseudolabels" / "cache")
-                break
     if variant in SAME_PSEUDOLABELS and not (out / "pseudolabels" / "stats.json").exists():
         for other in SAME_PSEUDOLABELS:
-            done = run_dir(base, other) / "pseudolabels"
+            done = run_dir(base, other, tag) / "pseudolabels"
             if other != variant and (done / "stats.json").exists() and (done / "pseudo_labels.json").exists():
                 print(f"[openkbp] {variant}: pseudo-labels are {other}'s: copying {done}", flush=True)
                 shutil.rmtree(out / "pseudolabels", ignore_errors=True)  # a partial one of a killed run
                 shutil.copytree(done, out / "pseudolabels")
+                break
+    if variant in PARTITION and not (out / "pseudolabels").exists():
+        for other in PARTITION:
+            cache = run_dir(base, other, tag) / "pseudolabels" / "cache"
+            if other != variant and (cache.parent / "stats.json").exists() and cache.is_dir():
+                print(f"[openkbp] {variant}: raw predictions are {other}'s: copying {cache}", flush=True)
+                shutil.copytree(cache, out / "pseudolabels" / "cache")
                 break
     _copy_radiologist_predictions(args, base, out)
     cmd = [sys.executable, str(ROOT / "tools/run_pipeline.py"), "--config", args.config, "--set", *sets]
@@ -164,7 +187,7 @@ def table(args) -> str:
     teachers_from = None  # baseline and radiologists are the same in every run: shown once
     finals = []
     for variant in VARIANTS:
-        out = run_dir(base, variant)
+        out = run_dir(base, variant, teacher_tag(args))
         table_json = out / "evaluate" / "table.json"
         if not table_json.exists():
             continue
@@ -187,14 +210,13 @@ def table(args) -> str:
     val = ["## Validation during training", "",
            "Each model on the validation patients (the split that picks its best checkpoint) at every "
            "evaluation; mask AP in %.", ""]
-    import yaml
-
-    names = [r["name"] for r in yaml.safe_load(Path(ROOT / args.config).read_text())["radiologists"]]
+    names = [r["name"] for r in radiologists(args)]
     for label, model_dir in [(n, base / "radiologists" / n) for n in names] + [(f"{v} {d.name}", d) for v, d in finals]:
         val += validation_table(model_dir, label)
     if len(val) > 4:
         details += val
-    summary = read_json(base / "data" / "summary.json") if (base / "data" / "summary.json").exists() else {}
+    summaries = [d / "data" / "summary.json" for d in [base] + [run_dir(base, v, teacher_tag(args)) for v in VARIANTS]]
+    summary = next((read_json(f) for f in summaries if f.exists()), {})
     head = [
         "# The method on real CT: OpenKBP few-shot (head and neck), CPU",
         "",
@@ -202,6 +224,8 @@ def table(args) -> str:
         f"Data: `{summary.get('root', '?')}`: splits " + ", ".join(
             f"{k} {v['images']}" for k, v in summary.get("splits", {}).items()) + "; scores on the held-out "
         "test patients.",
+        f"Teachers: {', '.join(r['name'] for r in radiologists(args))}"
+        + (" (a subset: `--radiologists`)" if teacher_tag(args) else "") + ".",
         "",
     ]
     return "\n".join(head + lines + [""] + details)
@@ -215,6 +239,9 @@ def main(argv=None) -> int:
     p.add_argument("--source", type=Path, default=SOURCE, help="the OpenKBP few-shot folder")
     p.add_argument("--holdout", type=Path, default=ROOT / "datasets/openkbp_holdout")
     p.add_argument("--only", nargs="+", choices=list(VARIANTS), help="variants to run (default all)")
+    p.add_argument("--radiologists", nargs="+", metavar="NAME",
+                   help="train and use only these radiologists of the config (default all three); the run "
+                        "folders get the suffix _<names> and the radiologists stay in <output>/radiologists")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "OPENKBP.md")
     args = p.parse_args(argv)

@@ -3,6 +3,7 @@ stand-in benchmarks, and the OpenKBP experiment tables (bench/openkbp_experiment
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -196,3 +197,22 @@ def test_openkbp_variants_reuse_the_radiologists_test_predictions(tmp_path, monk
     openkbp_experiments.run_variant(args, "warmstart_ignore")
     copied = tmp_path / "cpu_pipeline_warmstart_ignore" / "predict"
     assert (copied / "x101.csv").read_text() == "x101" and not (copied / "final.csv").exists()
+
+
+def test_openkbp_teacher_subset_gets_its_own_run_folders(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    base = tmp_path / "cpu_pipeline"
+    args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml", radiologists=["r101", "r50"])
+    openkbp_experiments.run_variant(args, "warmstart_ignore")
+    cmd = calls[-1]
+    assert f"output_dir={tmp_path / 'cpu_pipeline_r50+r101_warmstart_ignore'}" in cmd
+    assert f"radiologists_dir={base / 'radiologists'}" in cmd
+    override = next(c for c in cmd if c.startswith("radiologists="))
+    assert [r["name"] for r in json.loads(override.split("=", 1)[1])] == ["r50", "r101"]
+    from d2ct.pipeline.config import load_pipeline_config
+
+    cfg = load_pipeline_config(args.config, [override, "data.root=datasets/sample"])
+    assert [r["name"] for r in cfg["radiologists"]] == ["r50", "r101"]
+    with pytest.raises(SystemExit, match="nope"):
+        openkbp_experiments.run_variant(SimpleNamespace(**{**vars(args), "radiologists": ["nope"]}), "warmstart")
