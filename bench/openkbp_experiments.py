@@ -94,14 +94,15 @@ def teacher_tag(args) -> str:
     return "_" + "+".join(r["name"] for r in radiologists(args)) if getattr(args, "radiologists", None) else ""
 
 
-def _copy_radiologist_predictions(args, base: Path, out: Path) -> None:
+def _copy_radiologist_predictions(args, base: Path, out: Path, tag: str) -> None:
     """Every variant scores the same radiologists (the main run's) on the same test split with the
     same predict settings: take their predictions from a run that has them instead of predicting again."""
     names = [r["name"] for r in radiologists(args)]
     files = [f for n in names for f in (f"{n}.csv", f"{n}_instances.json")]
     if all((out / "predict" / f).exists() for f in files):
         return
-    for other in [run_dir(base, v, tag) for v in VARIANTS for tag in {"", teacher_tag(args)}]:
+    # the same radiologists in runs with all teachers or this subset: this subset's runs first
+    for other in [run_dir(base, v, t) for t in dict.fromkeys((tag, "")) for v in VARIANTS]:
         done = other / "predict"
         if other != out and (other / "stages" / "predict.json").exists() and all((done / f).exists() for f in files):
             print(f"[openkbp] radiologists' test predictions are {other.name}'s: copying them", flush=True)
@@ -139,7 +140,7 @@ def run_variant(args, variant: str) -> None:
                 print(f"[openkbp] {variant}: raw predictions are {other}'s: copying {cache}", flush=True)
                 shutil.copytree(cache, out / "pseudolabels" / "cache")
                 break
-    _copy_radiologist_predictions(args, base, out)
+    _copy_radiologist_predictions(args, base, out, tag)
     cmd = [sys.executable, str(ROOT / "tools/run_pipeline.py"), "--config", args.config, "--set", *sets]
     print(f"[openkbp] {variant}: $ {' '.join(cmd)}", flush=True)
     start = time.time()
@@ -184,10 +185,11 @@ def table(args) -> str:
     base = Path(args.output)
     lines = ["| run | model | " + " | ".join(t for _, t in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     details = []
+    tag = teacher_tag(args)
     teachers_from = None  # baseline and radiologists are the same in every run: shown once
     finals = []
     for variant in VARIANTS:
-        out = run_dir(base, variant, teacher_tag(args))
+        out = run_dir(base, variant, tag)
         table_json = out / "evaluate" / "table.json"
         if not table_json.exists():
             continue
@@ -215,7 +217,7 @@ def table(args) -> str:
         val += validation_table(model_dir, label)
     if len(val) > 4:
         details += val
-    summaries = [d / "data" / "summary.json" for d in [base] + [run_dir(base, v, teacher_tag(args)) for v in VARIANTS]]
+    summaries = [d / "data" / "summary.json" for d in [base] + [run_dir(base, v, tag) for v in VARIANTS]]
     summary = next((read_json(f) for f in summaries if f.exists()), {})
     head = [
         "# The method on real CT: OpenKBP few-shot (head and neck), CPU",
@@ -225,7 +227,7 @@ def table(args) -> str:
             f"{k} {v['images']}" for k, v in summary.get("splits", {}).items()) + "; scores on the held-out "
         "test patients.",
         f"Teachers: {', '.join(r['name'] for r in radiologists(args))}"
-        + (" (a subset: `--radiologists`)" if teacher_tag(args) else "") + ".",
+        + (" (a subset: `--radiologists`)" if tag else "") + ".",
         "",
     ]
     return "\n".join(head + lines + [""] + details)

@@ -208,8 +208,8 @@ def pseudo_label_pool(
     coco = to_coco_json(dicts, description=f"d2ct pseudo-labels ({mode})", image_root=out_dir.resolve())
     atomic_write_json(out_dir / "pseudo_labels.json", coco, indent=None)
 
-    all_scores = [a["score"] for d in dicts for a in d["annotations"] if not a["iscrowd"]]
-    counts = [sum(not a["iscrowd"] for a in d["annotations"]) for d in dicts]
+    all_scores = [a["score"] for d in dicts for a in _structures(d["annotations"])]
+    counts = [len(_structures(d["annotations"])) for d in dicts]
     stats = {
         "mode": mode,
         "seed": seed,
@@ -238,9 +238,13 @@ def pseudo_label_pool(
     return stats
 
 
+def _structures(annotations: list[dict]) -> list[dict]:
+    """The annotations that are structures, not ignore regions (``iscrowd`` 1)."""
+    return [a for a in annotations if not a.get("iscrowd")]
+
+
 def _has_structure(annotations: list[dict]) -> bool:
-    """At least one annotation that is a structure, not an ignore region."""
-    return any(not a.get("iscrowd") for a in annotations)
+    return bool(_structures(annotations))
 
 
 def _write_pictures(out_dir: Path, dicts: list[dict], scores: list[float], n_overlays: int, seed: int) -> None:
@@ -253,7 +257,7 @@ def _write_pictures(out_dir: Path, dicts: list[dict], scores: list[float], n_ove
         items = []
         for i in chosen:
             d = dicts[i]
-            structures = [a for a in d["annotations"] if not a["iscrowd"]]  # ignore regions are not drawn
+            structures = _structures(d["annotations"])  # ignore regions are not drawn
             label_map = instances_to_label_map([a["segmentation"] for a in structures], [a["score"] for a in structures])
             items.append((d["file_name"], label_map, f"{d['name']} ({d['labelled_by']}, {len(structures)})"))
         overlay_grid(items, out_dir / "overlays.png", title="pseudo-labels (random sample)")
