@@ -4,7 +4,8 @@
 Runs tools/run_pipeline.py for each variant in turn (each resumable: run this again after a kill
 and finished stages are skipped), then writes bench/OPENKBP.md with one score table over all
 variants and each run's training table. Variants share the trained radiologists of the main run
-(``radiologists_dir``); the two-round variant starts from a copy of the main run's first round.
+(``radiologists_dir``); a two-round variant starts from a copy of its one-round run (``rounds2``: ``main``;
+``warmstart_rounds2``: ``warmstart``).
 
   python bench/openkbp_experiments.py                         # CPU configs, every variant
   python bench/openkbp_experiments.py --only main consensus   # a subset, in this order
@@ -23,7 +24,8 @@ labelled slices alone, which shows what the pseudo-labels add beyond the extra i
 labels weigh as much as the pseudo-labels), ``warmstart_thr09`` (the warm start on pseudo-labels
 kept above score 0.9 only: fewer, cleaner labels), ``warmstart_ignore`` (the warm start with the
 teachers' uncertain instances, scored 0.3-0.7, as ignore regions instead of background) and
-``warmstart_consensus`` (the warm start on consensus pseudo-labels).
+``warmstart_consensus`` (the warm start on consensus pseudo-labels) and ``warmstart_rounds2`` (the
+round-1 warm-started final model pseudo-labels the pool again; a second final model starts from it).
 """
 from __future__ import annotations
 
@@ -57,7 +59,11 @@ VARIANTS = {
                          "pseudolabel.ignore_below=0.3"],
     "warmstart_consensus": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
                             "pseudolabel.mode=consensus"],
+    "warmstart_rounds2": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                          "pseudolabel.rounds=2"],
 }
+# two-round variants: their first round is this variant's, copied when it has finished
+ROUND1_OF = {"rounds2": "main", "warmstart_rounds2": "warmstart"}
 # variants whose round-1 pseudo-labels are the same (same models, thresholds, mode and seed): the
 # first one to finish them shares its folder with the others instead of labelling the pool again
 SAME_PSEUDOLABELS = ("main", "warmstart", "warmstart_labelled", "warmstart_repeat3")
@@ -121,10 +127,13 @@ def run_variant(args, variant: str) -> None:
         sets.append(f"radiologists_dir={base / 'radiologists'}")
     if tag:
         sets.append("radiologists=" + json.dumps(radiologists(args)))
-    if variant == "rounds2" and (base / "final" / "model_final.pth").exists():
-        for folder in ("pseudolabels", "final"):  # round 1 is the main run's: copy it, do not redo it
+    round1 = run_dir(base, ROUND1_OF[variant], tag) if variant in ROUND1_OF else None
+    if round1 is not None and (round1 / "final" / "model_final.pth").exists():
+        for folder in ("pseudolabels", "final"):  # round 1 has run already: copy it, do not redo it
             if not (out / folder).exists():
-                shutil.copytree(base / folder, out / folder)
+                print(f"[openkbp] {variant}: round 1 is {round1.name}'s: copying {round1 / folder}", flush=True)
+                # its periodic checkpoints are not needed: round 2 starts from model_best/model_final
+                shutil.copytree(round1 / folder, out / folder, ignore=shutil.ignore_patterns("model_0*.pth"))
     if variant in SAME_PSEUDOLABELS and not (out / "pseudolabels" / "stats.json").exists():
         for other in SAME_PSEUDOLABELS:
             done = run_dir(base, other, tag) / "pseudolabels"

@@ -216,3 +216,26 @@ def test_openkbp_teacher_subset_gets_its_own_run_folders(tmp_path, monkeypatch):
     assert [r["name"] for r in cfg["radiologists"]] == ["r50", "r101"]
     with pytest.raises(SystemExit, match="nope"):
         openkbp_experiments.run_variant(SimpleNamespace(**{**vars(args), "radiologists": ["nope"]}), "warmstart")
+
+
+def test_openkbp_two_round_variants_start_from_a_copy_of_their_one_round_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    base = tmp_path / "cpu_pipeline"
+    args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml", radiologists=["r50", "r101"])
+    round1 = tmp_path / "cpu_pipeline_r50+r101_warmstart"
+    (round1 / "final").mkdir(parents=True)
+    (round1 / "final" / "model_0000299.pth").write_text("periodic")
+    openkbp_experiments.run_variant(args, "warmstart_rounds2")  # round 1 unfinished: nothing copied
+    out = tmp_path / "cpu_pipeline_r50+r101_warmstart_rounds2"
+    assert not (out / "final").exists()
+    (round1 / "final" / "model_final.pth").write_text("final")
+    (round1 / "final" / "model_best.pth").write_text("best")
+    (round1 / "pseudolabels").mkdir()
+    (round1 / "pseudolabels" / "pseudo_labels.json").write_text("{}")
+    openkbp_experiments.run_variant(args, "warmstart_rounds2")
+    assert (out / "final" / "model_best.pth").read_text() == "best"
+    assert not (out / "final" / "model_0000299.pth").exists()  # periodic checkpoints stay behind
+    assert (out / "pseudolabels" / "pseudo_labels.json").exists()
+    assert "pseudolabel.rounds=2" in calls[-1] and "final.init=best" in calls[-1]
+    assert not (tmp_path / "cpu_pipeline_rounds2").exists()  # the plain variant's folder is untouched
