@@ -47,14 +47,14 @@ VARIANTS = {
     "main": [],
     "consensus": ["pseudolabel.mode=consensus"],
     "rounds2": ["pseudolabel.rounds=2"],
-    "thr05": [f"radiologists.{i}.threshold=0.5" for i in range(3)],
+    "thr05": ["radiologists.*.threshold=0.5"],
     "warmstart": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best"],
     "warmstart_labelled": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
                            "final.pseudo_labels=false"],
     "warmstart_repeat3": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
                           "final.labelled_repeat=3"],
     "warmstart_thr09": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
-                        *[f"radiologists.{i}.threshold=0.9" for i in range(3)]],
+                        "radiologists.*.threshold=0.9"],
     "warmstart_ignore": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
                          "pseudolabel.ignore_below=0.3"],
     "warmstart_consensus": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
@@ -122,11 +122,17 @@ def run_variant(args, variant: str) -> None:
     base = Path(args.output)
     tag = teacher_tag(args)
     out = run_dir(base, variant, tag)
-    sets = [f"output_dir={out}", *VARIANTS[variant]]
+    teachers = radiologists(args)
+    sets = [f"output_dir={out}"]
+    if tag:  # first: the variant's per-radiologist settings below apply to this subset
+        sets.append("radiologists=" + json.dumps(teachers))
+    for item in VARIANTS[variant]:  # radiologists.*.KEY=V: the same setting for every teacher
+        if item.startswith("radiologists.*."):
+            sets += [item.replace("*", str(i), 1) for i in range(len(teachers))]
+        else:
+            sets.append(item)
     if out != base:  # the main run's radiologists, trained once
         sets.append(f"radiologists_dir={base / 'radiologists'}")
-    if tag:
-        sets.append("radiologists=" + json.dumps(radiologists(args)))
     round1 = run_dir(base, ROUND1_OF[variant], tag) if variant in ROUND1_OF else None
     if round1 is not None and (round1 / "final" / "model_final.pth").exists():
         for folder in ("pseudolabels", "final"):  # round 1 has run already: copy it, do not redo it

@@ -239,3 +239,22 @@ def test_openkbp_two_round_variants_start_from_a_copy_of_their_one_round_run(tmp
     assert (out / "pseudolabels" / "pseudo_labels.json").exists()
     assert "pseudolabel.rounds=2" in calls[-1] and "final.init=best" in calls[-1]
     assert not (tmp_path / "cpu_pipeline_rounds2").exists()  # the plain variant's folder is untouched
+
+
+def test_openkbp_threshold_variants_set_every_teacher_of_a_subset(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    base = tmp_path / "cpu_pipeline"
+    args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml", radiologists=["r50", "r101"])
+    openkbp_experiments.run_variant(args, "warmstart_thr09")
+    sets = calls[-1][calls[-1].index("--set") + 1:]
+    # the subset is set first, so the thresholds are not replaced by it
+    assert sets.index("radiologists.0.threshold=0.9") > next(i for i, s in enumerate(sets) if s.startswith("radiologists="))
+    assert "radiologists.1.threshold=0.9" in sets and not any(s.startswith("radiologists.2.") for s in sets)
+    from d2ct.pipeline.config import load_pipeline_config
+
+    cfg = load_pipeline_config(str(openkbp_experiments.ROOT / args.config), sets)
+    assert [(r["name"], r["threshold"]) for r in cfg["radiologists"]] == [("r50", 0.9), ("r101", 0.9)]
+    openkbp_experiments.run_variant(SimpleNamespace(output=str(base), config=args.config), "thr05")
+    sets = calls[-1][calls[-1].index("--set") + 1:]
+    assert [s for s in sets if s.startswith("radiologists.")] == [f"radiologists.{i}.threshold=0.5" for i in range(3)]
