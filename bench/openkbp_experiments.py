@@ -67,11 +67,6 @@ ROUND1_OF = {"rounds2": "main", "warmstart_rounds2": "warmstart"}
 # variants whose round-1 pseudo-labels are the same (same models, thresholds, mode and seed): the
 # first one to finish them shares its folder with the others instead of labelling the pool again
 SAME_PSEUDOLABELS = ("main", "warmstart", "warmstart_labelled", "warmstart_repeat3")
-# variants whose first round is partition pseudo-labelling by the same models with the same seed:
-# they differ at most in what they keep of the radiologists' raw predictions (thresholds, ignore
-# regions), so the per-model predictions (pseudolabels/cache: every instance down to the model's
-# SCORE_THRESH_TEST) of whichever one finished first are reused
-PARTITION = tuple(v for v in VARIANTS if "consensus" not in v)
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
            ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50")]
 
@@ -118,6 +113,29 @@ def _copy_radiologist_predictions(args, base: Path, out: Path, tag: str) -> None
             return
 
 
+def _copy_pool_predictions(base: Path, out: Path, tag: str) -> None:
+    """The radiologists' raw predictions on the pool (pseudolabels/cache/<model>.json) do not depend
+    on the variant: every variant with these teachers starts from the most complete cache of any
+    other run (partition runs hold each model's group, consensus runs the whole pool); the
+    pseudo-labelling tool predicts only what is missing and checks the settings they were made with."""
+    best: dict[str, tuple[int, Path]] = {}
+    for other in [run_dir(base, v, tag) for v in VARIANTS]:
+        if other == out:
+            continue
+        for cache in sorted((other / "pseudolabels" / "cache").glob("*.json")):
+            try:
+                images = len(read_json(cache).get("images", []))
+            except ValueError:
+                continue
+            if images > best.get(cache.name, (0, None))[0]:
+                best[cache.name] = (images, cache)
+    for name, (images, cache) in best.items():
+        print(f"[openkbp] {out.name}: {images} pool predictions of {cache.stem} are {cache.parents[2].name}'s: "
+              "copying them", flush=True)
+        (out / "pseudolabels" / "cache").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cache, out / "pseudolabels" / "cache" / name)
+
+
 def run_variant(args, variant: str) -> None:
     base = Path(args.output)
     tag = teacher_tag(args)
@@ -148,13 +166,8 @@ def run_variant(args, variant: str) -> None:
                 shutil.rmtree(out / "pseudolabels", ignore_errors=True)  # a partial one of a killed run
                 shutil.copytree(done, out / "pseudolabels")
                 break
-    if variant in PARTITION and not (out / "pseudolabels").exists():
-        for other in PARTITION:
-            cache = run_dir(base, other, tag) / "pseudolabels" / "cache"
-            if other != variant and (cache.parent / "stats.json").exists() and cache.is_dir():
-                print(f"[openkbp] {variant}: raw predictions are {other}'s: copying {cache}", flush=True)
-                shutil.copytree(cache, out / "pseudolabels" / "cache")
-                break
+    if not (out / "pseudolabels").exists():
+        _copy_pool_predictions(base, out, tag)
     _copy_radiologist_predictions(args, base, out, tag)
     cmd = [sys.executable, str(ROOT / "tools/run_pipeline.py"), "--config", args.config, "--set", *sets]
     print(f"[openkbp] {variant}: $ {' '.join(cmd)}", flush=True)

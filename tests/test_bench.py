@@ -4,6 +4,7 @@ stand-in benchmarks, and the OpenKBP experiment tables (bench/openkbp_experiment
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -164,20 +165,35 @@ def test_openkbp_variants_share_identical_pseudo_labels(tmp_path, monkeypatch):
     assert not (tmp_path / "cpu_pipeline_consensus" / "pseudolabels").exists()
 
 
-def test_openkbp_threshold_variants_reuse_the_raw_predictions_of_any_partition_run(tmp_path, monkeypatch):
+def test_openkbp_variants_reuse_the_most_complete_raw_predictions_of_any_run(tmp_path, monkeypatch):
+    import json
+
     calls = []
     monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     base = tmp_path / "cpu_pipeline"
     args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml")
     openkbp_experiments.run_variant(args, "warmstart_ignore")  # nothing has run: it predicts itself
     assert not (tmp_path / "cpu_pipeline_warmstart_ignore" / "pseudolabels").exists()
-    done = tmp_path / "cpu_pipeline_warmstart_labelled" / "pseudolabels"
-    (done / "cache").mkdir(parents=True)
-    (done / "cache" / "r50.json").write_text("{}")
-    (done / "stats.json").write_text("{}")
+
+    def cache(variant, model, images):
+        folder = tmp_path / f"cpu_pipeline_{variant}" / "pseudolabels" / "cache"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{model}.json").write_text(json.dumps({"images": [{"name": f"{i}.png"} for i in range(images)]}))
+
+    cache("warmstart_labelled", "r50", 5)  # a partition group
+    cache("warmstart_labelled", "r101", 3)
+    cache("warmstart_consensus", "r50", 8)  # the whole pool
+    (tmp_path / "cpu_pipeline_thr05" / "pseudolabels" / "cache").mkdir(parents=True)
+    (tmp_path / "cpu_pipeline_thr05" / "pseudolabels" / "cache" / "r101.json").write_text("{not json")
+    shutil.rmtree(tmp_path / "cpu_pipeline_warmstart_ignore", ignore_errors=True)
     openkbp_experiments.run_variant(args, "warmstart_ignore")
-    assert (tmp_path / "cpu_pipeline_warmstart_ignore" / "pseudolabels" / "cache" / "r50.json").exists()
+    got = tmp_path / "cpu_pipeline_warmstart_ignore" / "pseudolabels" / "cache"
+    assert len(json.loads((got / "r50.json").read_text())["images"]) == 8
+    assert len(json.loads((got / "r101.json").read_text())["images"]) == 3
     assert "pseudolabel.ignore_below=0.3" in calls[-1]
+    openkbp_experiments.run_variant(args, "consensus")  # consensus starts from the partition groups too
+    assert len(json.loads((tmp_path / "cpu_pipeline_consensus" / "pseudolabels" / "cache" / "r101.json")
+                          .read_text())["images"]) == 3
 
 
 def test_openkbp_variants_reuse_the_radiologists_test_predictions(tmp_path, monkeypatch):

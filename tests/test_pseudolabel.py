@@ -160,3 +160,58 @@ def test_two_cpu_processes_give_the_same_pseudo_labels(tiny_model, tiny_phantom,
     for a, b in zip(one["annotations"], two["annotations"]):
         assert a["image_id"] == b["image_id"] and a["segmentation"] == b["segmentation"]
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+
+def test_pool_predictions_are_cached_as_they_come_and_resume_after_a_kill(tmp_path, monkeypatch):
+    """predict_pool writes the cache every CACHE_CHUNK images: a run killed in the middle of a model's
+    share predicts only the rest next time; other settings (flip TTA) do not reuse the cache."""
+    from d2ct.engine.predictor import InstancePrediction
+    from d2ct.pseudolabel import run
+
+    requested: list[list[str]] = []
+
+    class FakePredictor:
+        fail_after = None  # calls before a simulated kill
+
+        def __init__(self, cfg, weights, batch_size=4, flip_tta=False):
+            self.flip_tta = flip_tta
+
+        def predict_files_sharded(self, named_paths, progress=True, desc=""):
+            if FakePredictor.fail_after is not None and len(requested) >= FakePredictor.fail_after:
+                raise KeyboardInterrupt("killed")
+            requested.append([n for n, _ in named_paths])
+            return [InstancePrediction(n, 8, 8, np.array([0.9 if self.flip_tta else 0.5], np.float32), None, [])
+                    for n, _ in named_paths]
+
+    monkeypatch.setattr(run, "CACHE_CHUNK", 3)
+    monkeypatch.setattr(run, "BatchPredictor", FakePredictor)
+    monkeypatch.setattr(run, "setup_cfg", lambda config, opts: None)
+    model = Radiologist(name="r50", config="c.yaml", weights="w.pth", ap=10.0)
+    pool = [(f"{i}.png", f"/data/{i}.png") for i in range(8)]
+    FakePredictor.fail_after = 1
+    with pytest.raises(KeyboardInterrupt):
+        run.predict_pool(model, pool, tmp_path)
+    cache = json.loads((tmp_path / "r50.json").read_text())
+    assert [im["name"] for im in cache["images"]] == ["0.png", "1.png", "2.png"]  # the first chunk survived
+    FakePredictor.fail_after = None
+    requested.clear()
+    preds = run.predict_pool(model, pool, tmp_path)
+    assert requested == [["3.png", "4.png", "5.png"], ["6.png", "7.png"]]
+    assert [p.name for p in preds] == [n for n, _ in pool]
+    # a subset (a partition group) and a reordering come from the cache alone
+    requested.clear()
+    assert [p.name for p in run.predict_pool(model, pool[5:1:-1], tmp_path)] == ["5.png", "4.png", "3.png", "2.png"]
+    assert requested == []
+    # flip TTA gives other predictions: the cache is not reused, then holds the new ones
+    preds = run.predict_pool(model, pool[:2], tmp_path, flip_tta=True)
+    assert len(requested) == 1 and [float(p.scores[0]) for p in preds] == pytest.approx([0.9, 0.9])
+    assert json.loads((tmp_path / "r50.json").read_text())["flip_tta"] is True
+    # a cache written before the settings were recorded counts as plain predictions
+    legacy = {"model": "r50", "weights": "w.pth", "images": [
+        {"name": "0.png", "height": 8, "width": 8, "scores": [0.5], "rles": []}]}
+    (tmp_path / "r50.json").write_text(json.dumps(legacy))
+    requested.clear()
+    run.predict_pool(model, pool[:1], tmp_path)
+    assert requested == []
+    run.predict_pool(model, pool[:1], tmp_path, flip_tta=True)
+    assert requested == [["0.png"]]

@@ -8,7 +8,8 @@ Outputs, in ``out_dir``:
   1): the final training neither learns them as structures nor as background.
 - ``stats.json`` and ``report.md``: images labelled per model, instances per image, exclusions.
 - ``score_histogram.png`` and ``overlays.png``: what a person should look at before trusting them.
-- ``cache/<model>.json``: each model's raw predictions; a killed run resumes from them.
+- ``cache/<model>.json``: each model's raw predictions, written as they come; a killed run
+  resumes from them, and any run with the same models and settings can start from a copy.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 from detectron2.utils import comm
+from tqdm import tqdm
 
 from d2ct.config import setup_cfg
 from d2ct.data.coco import label_map_to_instances, to_coco_json
@@ -47,43 +49,79 @@ class ConsensusOptions:
 # ----------------------------------------------------------------------------------------------
 # per-model predictions, cached
 # ----------------------------------------------------------------------------------------------
-def _save_cache(path: Path, model: Radiologist, preds: list[InstancePrediction]) -> None:
+# images predicted between two cache writes: a killed run loses at most this much of a model's work
+CACHE_CHUNK = 64
+
+
+def _cache_settings(model: Radiologist, flip_tta: bool) -> dict:
+    """What a cached prediction depends on besides the image: other settings, other predictions."""
+    return {"weights": model.weights, "config": model.config, "opts": [str(o) for o in model.opts],
+            "flip_tta": bool(flip_tta)}
+
+
+def _save_cache(path: Path, model: Radiologist, settings: dict, preds: dict[str, InstancePrediction]) -> None:
     atomic_write_json(path, {
-        "model": model.name, "weights": model.weights,
+        "model": model.name, **settings,
         "images": [{"name": p.name, "height": p.height, "width": p.width,
-                    "scores": [float(s) for s in p.scores], "rles": p.rles or []} for p in preds],
+                    "scores": [float(s) for s in p.scores], "rles": p.rles or []} for p in preds.values()],
     }, indent=None)
 
 
-def _load_cache(path: Path, model: Radiologist, names: Sequence[str]) -> list[InstancePrediction] | None:
+def _load_cache(path: Path, settings: dict) -> dict[str, InstancePrediction]:
+    """The cached predictions by image name ({} when none or made with other settings)."""
     if not path.exists():
-        return None
+        return {}
     try:
         data = read_json(path)
     except ValueError:
-        return None
-    if data.get("weights") != model.weights or [im["name"] for im in data["images"]] != list(names):
-        return None
-    return [InstancePrediction(im["name"], im["height"], im["width"], np.asarray(im["scores"], np.float32),
-                               None, im["rles"]) for im in data["images"]]
+        logger.warning("%s is not valid JSON (a write cut short?): predicting again", path)
+        return {}
+    # caches written before the settings were recorded hold plain predictions (no flip TTA) of
+    # the model with its own config
+    made_with = {"config": settings["config"], "opts": settings["opts"], "flip_tta": False,
+                 **{k: data[k] for k in settings if k in data}}
+    if made_with != settings:
+        changed = sorted(k for k in settings if made_with[k] != settings[k])
+        logger.info("%s was made with other %s: predicting again", path, ", ".join(changed))
+        return {}
+    return {im["name"]: InstancePrediction(im["name"], im["height"], im["width"],
+                                           np.asarray(im["scores"], np.float32), None, im["rles"])
+            for im in data["images"]}
 
 
 def predict_pool(model: Radiologist, named_paths: Sequence[tuple[str, str]], cache_dir: Path, *,
                  batch_size: int = 4, flip_tta: bool = False) -> list[InstancePrediction] | None:
-    """The model's instances on the given images (all processes share the work; rank 0 gets them)."""
+    """The model's instances on the given images (all processes share the work; rank 0 gets them).
+
+    ``cache/<model>.json`` keeps every image this model has predicted with these settings, in any
+    run and mode: images found there are not predicted again, the others are predicted in chunks
+    and added as they finish, so a killed run resumes within a model's share of the pool."""
     cache = cache_dir / f"{model.name}.json"
-    names = [n for n, _ in named_paths]
-    cached = _load_cache(cache, model, names) if comm.is_main_process() else None
-    done = comm.all_gather(cached is not None)[0] if comm.get_world_size() > 1 else cached is not None
-    if done:
-        logger.info("%s: %d predictions read from %s", model.name, len(names), cache)
-        return cached
-    cfg = setup_cfg(model.config, model.opts)
-    predictor = BatchPredictor(cfg, model.weights, batch_size=batch_size, flip_tta=flip_tta)
-    preds = predictor.predict_files_sharded(list(named_paths), desc=f"pseudo-labelling ({model.name})")
-    if comm.is_main_process():
-        _save_cache(cache, model, preds)
-    return preds
+    settings = _cache_settings(model, flip_tta)
+    cached = _load_cache(cache, settings) if comm.is_main_process() else {}
+    missing = [(n, p) for n, p in named_paths if n not in cached]
+    if comm.get_world_size() > 1:
+        missing = comm.all_gather(missing)[0]
+    if len(missing) < len(named_paths):
+        logger.info("%s: %d of %d predictions read from %s", model.name, len(named_paths) - len(missing),
+                    len(named_paths), cache)
+    if missing:
+        cfg = setup_cfg(model.config, model.opts)
+        predictor = BatchPredictor(cfg, model.weights, batch_size=batch_size, flip_tta=flip_tta)
+        bar = tqdm(total=len(missing), desc=f"pseudo-labelling ({model.name})", unit="slice",
+                   disable=not comm.is_main_process())
+        for start in range(0, len(missing), CACHE_CHUNK):
+            chunk = missing[start:start + CACHE_CHUNK]
+            preds = predictor.predict_files_sharded(chunk, progress=False)
+            bar.update(len(chunk))
+            if comm.is_main_process():
+                cached.update((p.name, p) for p in preds)
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                _save_cache(cache, model, settings, cached)
+        bar.close()
+    if not comm.is_main_process():
+        return None
+    return [cached[n] for n, _ in named_paths]
 
 
 # ----------------------------------------------------------------------------------------------
