@@ -274,3 +274,36 @@ def test_openkbp_threshold_variants_set_every_teacher_of_a_subset(tmp_path, monk
     openkbp_experiments.run_variant(SimpleNamespace(output=str(base), config=args.config), "thr05")
     sets = calls[-1][calls[-1].index("--set") + 1:]
     assert [s for s in sets if s.startswith("radiologists.")] == [f"radiologists.{i}.threshold=0.5" for i in range(3)]
+
+
+def test_patient_bootstrap_resamples_patients_not_slices():
+    mean, low, high = openkbp_experiments.patient_bootstrap([0.1] * 6, ["a", "a", "b", "b", "c", "c"])
+    assert (mean, low, high) == pytest.approx((0.1, 0.1, 0.1))
+    # one patient with many slices all better, another all worse: the interval must span both
+    diff = [0.2] * 10 + [-0.2] * 2
+    mean, low, high = openkbp_experiments.patient_bootstrap(diff, ["a"] * 10 + ["b"] * 2)
+    assert mean == pytest.approx(0.2 * 8 / 12) and low == pytest.approx(-0.2) and high == pytest.approx(0.2)
+
+
+def test_openkbp_table_has_paired_differences_against_the_control(tmp_path):
+    base = tmp_path / "cpu_pipeline"
+    holdout = tmp_path / "holdout"
+    holdout.mkdir()
+    (holdout / "manifest.csv").write_text("holdout,file,patient\n" + "".join(
+        f"test,{i}.png,pt_{i // 2}\n" for i in range(6)) + "train,9.png,pt_9\n")
+
+    def per_image(variant, model, aris):
+        d = tmp_path / f"cpu_pipeline_{variant}" / "evaluate" / model
+        d.mkdir(parents=True)
+        (d / "per_image.csv").write_text("name,ARI\n" + "".join(f"{i}.png,{a}\n" for i, a in enumerate(aris)))
+        (d.parent / "table.json").write_text("[]")
+
+    per_image("warmstart_labelled", "final", [0.5] * 6)
+    per_image("warmstart", "r50", [0.4] * 6)
+    per_image("warmstart", "final", [0.6] * 6)
+    args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml", holdout=holdout)
+    text = openkbp_experiments.table(args)
+    assert "bootstrap resamples of the 3 test patients" in text
+    assert "| warmstart | r50 | -0.100 | [-0.100, -0.100] | 0 / 6 |" in text
+    assert "| warmstart | final | +0.100 | [+0.100, +0.100] | 6 / 0 |" in text
+    assert "| warmstart_labelled |" not in text.split("## Paired")[1].split("###")[0]  # not against itself
