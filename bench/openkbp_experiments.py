@@ -68,7 +68,8 @@ ROUND1_OF = {"rounds2": "main", "warmstart_rounds2": "warmstart"}
 # first one to finish them shares its folder with the others instead of labelling the pool again
 SAME_PSEUDOLABELS = ("main", "warmstart", "warmstart_labelled", "warmstart_repeat3")
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
-           ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50")]
+           ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50"), ("Precision50", "precision@0.5"),
+           ("n_pred", "instances"), ("fg_px", "foreground px / slice")]
 
 
 def run_dir(base: Path, variant: str, tag: str = "") -> Path:
@@ -177,7 +178,20 @@ def run_variant(args, variant: str) -> None:
 
 
 def _fmt(v, percent: bool = False) -> str:
+    if isinstance(v, int):
+        return str(v)
     return "-" if v is None else f"{v:.1f}" if percent else f"{v:.3f}"
+
+
+def foreground_pixels(label_csv: Path) -> float | None:
+    """Mean number of labelled (non-zero) pixels per slice of a challenge-layout label CSV: how much
+    of each slice a model calls structure, next to the truth's."""
+    if not label_csv.exists():
+        return None
+    import pandas as pd
+
+    frame = pd.read_csv(label_csv, index_col=0)
+    return round(float((frame.to_numpy() > 0).sum(0).mean()), 1)
 
 
 VAL_COLUMNS = [("segm/AP", "mask AP", 1), ("segm/AP50", "AP50", 1), ("ct/ARI", "ARI", 3),
@@ -284,7 +298,8 @@ def table(args) -> str:
         for row in rows:
             if teachers_from is not None and not row["model"].startswith("final"):
                 continue
-            lines.append(f"| {variant} | {row['model']} | " + " | ".join(_fmt(row.get(k), k.startswith("AP")) for k, _ in COLUMNS) + " |")
+            row = {**row, "fg_px": foreground_pixels(out / "predict" / f"{row['model']}.csv")}
+            lines.append(f"| {variant} | {row['model']} | " + " | ".join(_fmt(row.get(k), k.startswith("AP") or k == "fg_px") for k, _ in COLUMNS) + " |")
         teachers_from = teachers_from or variant
         finals += [(variant, d) for d in sorted(out.glob("final*")) if d.is_dir()]
         report = out / "report" / "report.md"
@@ -317,6 +332,9 @@ def table(args) -> str:
         + (" (a subset: `--radiologists`)" if tag else "") + ".",
         "",
     ]
+    truth_fg = foreground_pixels(Path(getattr(args, "holdout", ROOT / "datasets/openkbp_holdout")) / "test-labels.csv.gz")
+    if truth_fg is not None:
+        lines += ["", f"The truth has {truth_fg} foreground pixels per test slice (partial contours: at most 7 organs)."]
     return "\n".join(head + lines + [""] + paired_differences(args) + details)
 
 

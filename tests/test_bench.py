@@ -307,3 +307,18 @@ def test_openkbp_table_has_paired_differences_against_the_control(tmp_path):
     assert "| warmstart | r50 | -0.100 | [-0.100, -0.100] | 0 / 6 |" in text
     assert "| warmstart | final | +0.100 | [+0.100, +0.100] | 6 / 0 |" in text
     assert "| warmstart_labelled |" not in text.split("## Paired")[1].split("###")[0]  # not against itself
+
+
+def test_openkbp_table_counts_foreground_pixels_of_predictions_and_truth(tmp_path):
+    base = tmp_path / "cpu_pipeline"
+    _fake_run(base)
+    (base / "predict").mkdir()
+    (base / "predict" / "r50.csv").write_text("pixel,0.png,1.png\n0,1,0\n1,2,0\n2,0,0\n3,0,3\n")
+    holdout = tmp_path / "holdout"
+    holdout.mkdir()
+    (holdout / "test-labels.csv.gz").write_bytes(__import__("gzip").compress(b"pixel,0.png\n0,1\n1,0\n"))
+    args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml", holdout=holdout)
+    text = openkbp_experiments.table(args)
+    assert "| main | r50 | 0.500 | - | - | - | 12.0 | - | - | - | 1.5 |" in text  # (2 + 1) / 2 slices
+    assert "| main | final |" in text and text.split("| main | final |")[1].split("\n")[0].endswith("| - |")
+    assert "The truth has 1.0 foreground pixels per test slice" in text
