@@ -25,7 +25,8 @@ labels weigh as much as the pseudo-labels), ``warmstart_thr09`` (the warm start 
 kept above score 0.9 only: fewer, cleaner labels), ``warmstart_ignore`` (the warm start with the
 teachers' uncertain instances, scored 0.3-0.7, as ignore regions instead of background) and
 ``warmstart_consensus`` (the warm start on consensus pseudo-labels) and ``warmstart_rounds2`` (the
-round-1 warm-started final model pseudo-labels the pool again; a second final model starts from it).
+round-1 warm-started final model pseudo-labels the pool again; a second final model starts from it),
+``warmstart_thr09_ignore`` (structures at 0.9 and above, 0.3-0.9 as ignore regions).
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ VARIANTS = {
                             "pseudolabel.mode=consensus"],
     "warmstart_rounds2": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
                           "pseudolabel.rounds=2"],
+    "warmstart_thr09_ignore": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                               "radiologists.*.threshold=0.9", "pseudolabel.ignore_below=0.3"],
 }
 # two-round variants: their first round is this variant's, copied when it has finished
 ROUND1_OF = {"rounds2": "main", "warmstart_rounds2": "warmstart"}
