@@ -226,6 +226,11 @@ def validation_table(model_dir: Path, label: str | None = None) -> list[str]:
     return out + [""]
 
 
+def _holdout(args) -> Path:
+    """The held-out data set folder (manifest.csv, test-labels.csv.gz): --holdout or its default."""
+    return Path(getattr(args, "holdout", ROOT / "datasets/openkbp_holdout"))
+
+
 def patient_bootstrap(diff, patients, n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of per-slice differences and its 95% interval, resampling whole patients: slices of one
     patient are not independent, so resampling slices would make the interval too narrow."""
@@ -249,7 +254,7 @@ def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled",
     import csv
 
     base, tag = Path(args.output), teacher_tag(args)
-    manifest = Path(getattr(args, "holdout", ROOT / "datasets/openkbp_holdout")) / "manifest.csv"
+    manifest = _holdout(args) / "manifest.csv"
 
     def per_image(variant: str, model: str) -> dict[str, float] | None:
         f = run_dir(base, variant, tag) / "evaluate" / model / "per_image.csv"
@@ -335,7 +340,7 @@ def table(args) -> str:
         + (" (a subset: `--radiologists`)" if tag else "") + ".",
         "",
     ]
-    truth_fg = foreground_pixels(Path(getattr(args, "holdout", ROOT / "datasets/openkbp_holdout")) / "test-labels.csv.gz")
+    truth_fg = foreground_pixels(_holdout(args) / "test-labels.csv.gz")
     if truth_fg is not None:
         lines += ["", f"The truth has {truth_fg} foreground pixels per test slice (partial contours: at most 7 organs)."]
     return "\n".join(head + lines + [""] + paired_differences(args) + details)

@@ -113,6 +113,14 @@ def _fake_run(base: Path) -> None:
         "[12/02 03:49:33] d2.engine.hooks INFO: Overall training speed: 598 iterations in 0:10:00 (1.0 s / it)\n")
 
 
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """The commands run_variant would run (tools/run_pipeline.py is not started)."""
+    calls: list = []
+    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    return calls
+
+
 def test_openkbp_tables_count_iterations_and_keep_the_pipeline_order(tmp_path):
     base = tmp_path / "cpu_pipeline"
     _fake_run(base)
@@ -146,9 +154,7 @@ def test_openkbp_teachers_are_shown_once_from_the_first_finished_run(tmp_path):
     assert "| main |" not in text
 
 
-def test_openkbp_variants_share_identical_pseudo_labels(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+def test_openkbp_variants_share_identical_pseudo_labels(tmp_path, calls):
     base = tmp_path / "cpu_pipeline"
     done = base / "pseudolabels"
     done.mkdir(parents=True)
@@ -165,11 +171,7 @@ def test_openkbp_variants_share_identical_pseudo_labels(tmp_path, monkeypatch):
     assert not (tmp_path / "cpu_pipeline_consensus" / "pseudolabels").exists()
 
 
-def test_openkbp_variants_reuse_the_most_complete_raw_predictions_of_any_run(tmp_path, monkeypatch):
-    import json
-
-    calls = []
-    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+def test_openkbp_variants_reuse_the_most_complete_raw_predictions_of_any_run(tmp_path, calls):
     base = tmp_path / "cpu_pipeline"
     args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml")
     openkbp_experiments.run_variant(args, "warmstart_ignore")  # nothing has run: it predicts itself
@@ -215,9 +217,7 @@ def test_openkbp_variants_reuse_the_radiologists_test_predictions(tmp_path, monk
     assert (copied / "x101.csv").read_text() == "x101" and not (copied / "final.csv").exists()
 
 
-def test_openkbp_teacher_subset_gets_its_own_run_folders(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+def test_openkbp_teacher_subset_gets_its_own_run_folders(tmp_path, calls):
     base = tmp_path / "cpu_pipeline"
     args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml", radiologists=["r101", "r50"])
     openkbp_experiments.run_variant(args, "warmstart_ignore")
@@ -234,9 +234,7 @@ def test_openkbp_teacher_subset_gets_its_own_run_folders(tmp_path, monkeypatch):
         openkbp_experiments.run_variant(SimpleNamespace(**{**vars(args), "radiologists": ["nope"]}), "warmstart")
 
 
-def test_openkbp_two_round_variants_start_from_a_copy_of_their_one_round_run(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+def test_openkbp_two_round_variants_start_from_a_copy_of_their_one_round_run(tmp_path, calls):
     base = tmp_path / "cpu_pipeline"
     args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml", radiologists=["r50", "r101"])
     round1 = tmp_path / "cpu_pipeline_r50+r101_warmstart"
@@ -257,9 +255,7 @@ def test_openkbp_two_round_variants_start_from_a_copy_of_their_one_round_run(tmp
     assert not (tmp_path / "cpu_pipeline_rounds2").exists()  # the plain variant's folder is untouched
 
 
-def test_openkbp_threshold_variants_set_every_teacher_of_a_subset(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(openkbp_experiments.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+def test_openkbp_threshold_variants_set_every_teacher_of_a_subset(tmp_path, calls):
     base = tmp_path / "cpu_pipeline"
     args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml", radiologists=["r50", "r101"])
     openkbp_experiments.run_variant(args, "warmstart_thr09")
