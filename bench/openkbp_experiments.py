@@ -290,6 +290,21 @@ def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled",
     return lines + [""]
 
 
+def pseudo_label_counts(args) -> list[str]:
+    """What each run's pseudo-labelling kept of the pool (pseudolabels*/stats.json, every round)."""
+    base, tag = Path(args.output), teacher_tag(args)
+    rows = []
+    for variant in VARIANTS:
+        for stats in sorted(run_dir(base, variant, tag).glob("pseudolabels*/stats.json")):
+            s = read_json(stats)
+            rows.append(f"| {variant} | {stats.parent.name} | {s['mode']} | {s['labelled_images']} of {s['pool_images']} "
+                        f"| {s['instances']} | {s['instances_per_image']:.2f} | {s.get('ignore_regions', 0)} |")
+    if not rows:
+        return []
+    return ["## Pseudo-labels", "", "| run | folder | mode | pool slices kept | structures | per slice | ignore regions |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def table(args) -> str:
     base = Path(args.output)
     lines = ["| run | model | " + " | ".join(t for _, t in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
@@ -343,7 +358,7 @@ def table(args) -> str:
     truth_fg = foreground_pixels(_holdout(args) / "test-labels.csv.gz")
     if truth_fg is not None:
         lines += ["", f"The truth has {truth_fg} foreground pixels per test slice (partial contours: at most 7 organs)."]
-    return "\n".join(head + lines + [""] + paired_differences(args) + details)
+    return "\n".join(head + lines + [""] + paired_differences(args) + pseudo_label_counts(args) + details)
 
 
 def main(argv=None) -> int:

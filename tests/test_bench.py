@@ -318,3 +318,16 @@ def test_openkbp_table_counts_foreground_pixels_of_predictions_and_truth(tmp_pat
     assert "| main | r50 | 0.500 | - | - | - | 12.0 | - | - | - | 1.5 |" in text  # (2 + 1) / 2 slices
     assert "| main | final |" in text and text.split("| main | final |")[1].split("\n")[0].endswith("| - |")
     assert "The truth has 1.0 foreground pixels per test slice" in text
+
+
+def test_openkbp_table_lists_what_each_round_of_pseudo_labelling_kept(tmp_path):
+    base = tmp_path / "cpu_pipeline"
+    _fake_run(base)
+    for folder, kept in (("pseudolabels", 7), ("pseudolabels_r2", 6)):
+        (base / folder).mkdir()
+        (base / folder / "stats.json").write_text(json.dumps(
+            {"mode": "partition", "labelled_images": kept, "pool_images": 8, "instances": 3 * kept,
+             "instances_per_image": 3.0, "ignore_regions": 2}))
+    text = openkbp_experiments.table(SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml"))
+    assert "| main | pseudolabels | partition | 7 of 8 | 21 | 3.00 | 2 |" in text
+    assert "| main | pseudolabels_r2 | partition | 6 of 8 | 18 | 3.00 | 2 |" in text
