@@ -26,7 +26,10 @@ kept above score 0.9 only: fewer, cleaner labels), ``warmstart_ignore`` (the war
 teachers' uncertain instances, scored 0.3-0.7, as ignore regions instead of background) and
 ``warmstart_consensus`` (the warm start on consensus pseudo-labels) and ``warmstart_rounds2`` (the
 round-1 warm-started final model pseudo-labels the pool again; a second final model starts from it),
-``warmstart_thr09_ignore`` (structures at 0.9 and above, 0.3-0.9 as ignore regions).
+``warmstart_thr09_ignore`` (structures at 0.9 and above, 0.3-0.9 as ignore regions),
+``warmstart_thr095`` (threshold 0.95), ``warmstart_thr09_repeat3`` (threshold 0.9 with the labelled
+split listed three times), and a pair with twice the final budget (1,200 iterations,
+``configs/cpu/final_warmstart_long.yaml``): ``long_labelled`` (the control) and ``long_thr09``.
 """
 from __future__ import annotations
 
@@ -64,6 +67,16 @@ VARIANTS = {
                           "pseudolabel.rounds=2"],
     "warmstart_thr09_ignore": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
                                "radiologists.*.threshold=0.9", "pseudolabel.ignore_below=0.3"],
+    "warmstart_thr095": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                         "radiologists.*.threshold=0.95"],
+    "warmstart_thr09_repeat3": ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                                "radiologists.*.threshold=0.9", "final.labelled_repeat=3"],
+    # twice the final budget (1,200 iterations): does the control start to overfit the few labelled
+    # slices while the pseudo-labelled model keeps improving?
+    "long_labelled": ["final.config=configs/cpu/final_warmstart_long.yaml", "final.init=best",
+                      "final.pseudo_labels=false"],
+    "long_thr09": ["final.config=configs/cpu/final_warmstart_long.yaml", "final.init=best",
+                   "radiologists.*.threshold=0.9"],
 }
 # two-round variants: their first round is this variant's, copied when it has finished
 ROUND1_OF = {"rounds2": "main", "warmstart_rounds2": "warmstart"}

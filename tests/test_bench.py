@@ -272,6 +272,20 @@ def test_openkbp_threshold_variants_set_every_teacher_of_a_subset(tmp_path, call
     assert [s for s in sets if s.startswith("radiologists.")] == [f"radiologists.{i}.threshold=0.5" for i in range(3)]
 
 
+def test_every_openkbp_variant_is_a_valid_pipeline_config(tmp_path, calls):
+    # a typo in a variant's settings or config path would only surface after an hour of training
+    from d2ct.pipeline.config import load_pipeline_config
+
+    for variant in openkbp_experiments.VARIANTS:
+        args = SimpleNamespace(output=str(tmp_path / "cpu_pipeline"), config="configs/cpu/pipeline_openkbp.yaml",
+                               radiologists=["r50", "r101"])
+        openkbp_experiments.run_variant(args, variant)
+        sets = calls[-1][calls[-1].index("--set") + 1:]
+        cfg = load_pipeline_config(str(openkbp_experiments.ROOT / args.config), sets)
+        assert (openkbp_experiments.ROOT / cfg["final"]["config"]).is_file(), variant
+        assert [r["name"] for r in cfg["radiologists"]] == ["r50", "r101"], variant
+
+
 def test_patient_bootstrap_resamples_patients_not_slices():
     mean, low, high = openkbp_experiments.patient_bootstrap([0.1] * 6, ["a", "a", "b", "b", "c", "c"])
     assert (mean, low, high) == pytest.approx((0.1, 0.1, 0.1))
