@@ -85,7 +85,7 @@ ROUND1_OF = {"rounds2": "main", "warmstart_rounds2": "warmstart"}
 SAME_PSEUDOLABELS = ("main", "warmstart", "warmstart_labelled", "warmstart_repeat3")
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
            ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50"), ("Precision50", "precision@0.5"),
-           ("n_pred", "instances"), ("fg_px", "foreground px / slice")]
+           ("n_pred", "instances"), ("fg_px", "foreground px / slice"), ("threshold", "score threshold")]
 
 
 def run_dir(base: Path, variant: str, tag: str = "") -> Path:
@@ -113,21 +113,23 @@ def teacher_tag(args) -> str:
 
 
 def _copy_radiologist_predictions(args, base: Path, out: Path, tag: str) -> None:
-    """Every variant scores the same radiologists (the main run's) on the same test split with the
-    same predict settings: take their predictions from a run that has them instead of predicting again."""
+    """Every variant scores the same radiologists (the main run's) on the same test (and validation)
+    slices: take their saved instances from a run that has them instead of predicting again (the
+    pipeline flattens label maps from instances at the run's own threshold)."""
     names = [r["name"] for r in radiologists(args)]
-    files = [f for n in names for f in (f"{n}.csv", f"{n}_instances.json")]
-    if all((out / "predict" / f).exists() for f in files):
-        return
+    files = [f"{folder}{n}_instances.json" for folder in ("", "val/") for n in names]
     # the same radiologists in runs with all teachers or this subset: this subset's runs first
-    for other in [run_dir(base, v, t) for t in dict.fromkeys((tag, "")) for v in VARIANTS]:
-        done = other / "predict"
-        if other != out and (other / "stages" / "predict.json").exists() and all((done / f).exists() for f in files):
-            print(f"[openkbp] radiologists' test predictions are {other.name}'s: copying them", flush=True)
-            (out / "predict").mkdir(parents=True, exist_ok=True)
-            for f in files:
-                shutil.copyfile(done / f, out / "predict" / f)
-            return
+    others = [run_dir(base, v, t) for t in dict.fromkeys((tag, "")) for v in VARIANTS]
+    for f in files:
+        if (out / "predict" / f).exists():
+            continue
+        for other in others:
+            done = other / "predict" / f
+            if other != out and (other / "stages" / "predict.json").exists() and done.exists():
+                print(f"[openkbp] {out.name}: predict/{f} is {other.name}'s: copying it", flush=True)
+                (out / "predict" / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(done, out / "predict" / f)
+                break
 
 
 def _copy_pool_predictions(base: Path, out: Path, tag: str) -> None:
@@ -166,6 +168,8 @@ def run_variant(args, variant: str) -> None:
             sets += [item.replace("*", str(i), 1) for i in range(len(teachers))]
         else:
             sets.append(item)
+    if getattr(args, "predict_threshold", None) is not None:
+        sets.append(f"predict.score_threshold={args.predict_threshold}")
     if out != base:  # the main run's radiologists, trained once
         sets.append(f"radiologists_dir={base / 'radiologists'}")
     round1 = run_dir(base, ROUND1_OF[variant], tag) if variant in ROUND1_OF else None
@@ -335,7 +339,9 @@ def table(args) -> str:
             if teachers_from is not None and not row["model"].startswith("final"):
                 continue
             row = {**row, "fg_px": foreground_pixels(out / "predict" / f"{row['model']}.csv")}
-            lines.append(f"| {variant} | {row['model']} | " + " | ".join(_fmt(row.get(k), k.startswith("AP") or k == "fg_px") for k, _ in COLUMNS) + " |")
+            cells = [f"{row[k]:g}" if k == "threshold" and k in row else _fmt(row.get(k), k.startswith("AP") or k == "fg_px")
+                     for k, _ in COLUMNS]
+            lines.append(f"| {variant} | {row['model']} | " + " | ".join(cells) + " |")
         teachers_from = teachers_from or variant
         finals += [(variant, d) for d in sorted(out.glob("final*")) if d.is_dir()]
         report = out / "report" / "report.md"
@@ -374,6 +380,16 @@ def table(args) -> str:
     return "\n".join(head + lines + [""] + paired_differences(args) + pseudo_label_counts(args) + details)
 
 
+def _threshold(text: str) -> str:
+    if text != "val":
+        try:
+            if not 0 <= float(text) <= 1:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a score in [0, 1] or val, got {text!r}") from None
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
@@ -385,6 +401,10 @@ def main(argv=None) -> int:
     p.add_argument("--radiologists", nargs="+", metavar="NAME",
                    help="train and use only these radiologists of the config (default all three); the run "
                         "folders get the suffix _<names> and the radiologists stay in <output>/radiologists")
+    p.add_argument("--predict-threshold", type=_threshold, metavar="SCORE|val",
+                   help="the score threshold that flattens every model's instances (default: the config's, "
+                        "0.5); val: each model's own, chosen on the validation split. Only the predict, "
+                        "evaluate and report stages run again (from saved instances)")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "OPENKBP.md")
     args = p.parse_args(argv)

@@ -203,18 +203,21 @@ def test_openkbp_variants_reuse_the_radiologists_test_predictions(tmp_path, monk
     base = tmp_path / "cpu_pipeline"
     args = SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml")
     done = tmp_path / "cpu_pipeline_warmstart_labelled"
-    (done / "predict").mkdir(parents=True)
+    (done / "predict" / "val").mkdir(parents=True)
     for name in ("r50", "r101", "x101"):
-        (done / "predict" / f"{name}.csv").write_text(name)
-        (done / "predict" / f"{name}_instances.json").write_text("{}")
+        (done / "predict" / f"{name}_instances.json").write_text(name)
+    (done / "predict" / "val" / "r50_instances.json").write_text("r50 val")
     openkbp_experiments.run_variant(args, "warmstart_ignore")  # the other run's predict stage is unfinished
     assert not (tmp_path / "cpu_pipeline_warmstart_ignore" / "predict").exists()
     (done / "stages").mkdir()
     (done / "stages" / "predict.json").write_text("{}")
-    (done / "predict" / "final.csv").write_text("not a radiologist's")
+    (done / "predict" / "final_instances.json").write_text("not a radiologist's")
     openkbp_experiments.run_variant(args, "warmstart_ignore")
     copied = tmp_path / "cpu_pipeline_warmstart_ignore" / "predict"
-    assert (copied / "x101.csv").read_text() == "x101" and not (copied / "final.csv").exists()
+    assert (copied / "x101_instances.json").read_text() == "x101" and not (copied / "final_instances.json").exists()
+    # validation instances too, where a run has them (for predict.score_threshold=val)
+    assert (copied / "val" / "r50_instances.json").read_text() == "r50 val"
+    assert not (copied / "val" / "r101_instances.json").exists()
 
 
 def test_openkbp_teacher_subset_gets_its_own_run_folders(tmp_path, calls):
@@ -278,12 +281,16 @@ def test_every_openkbp_variant_is_a_valid_pipeline_config(tmp_path, calls):
 
     for variant in openkbp_experiments.VARIANTS:
         args = SimpleNamespace(output=str(tmp_path / "cpu_pipeline"), config="configs/cpu/pipeline_openkbp.yaml",
-                               radiologists=["r50", "r101"])
+                               radiologists=["r50", "r101"], predict_threshold="val")
         openkbp_experiments.run_variant(args, variant)
         sets = calls[-1][calls[-1].index("--set") + 1:]
         cfg = load_pipeline_config(str(openkbp_experiments.ROOT / args.config), sets)
         assert (openkbp_experiments.ROOT / cfg["final"]["config"]).is_file(), variant
         assert [r["name"] for r in cfg["radiologists"]] == ["r50", "r101"], variant
+        assert cfg["predict"]["score_threshold"] == "val", variant
+    with pytest.raises(SystemExit) as exc:
+        openkbp_experiments.main(["--predict-threshold", "1.5", "--table-only"])
+    assert exc.value.code == 2
 
 
 def test_patient_bootstrap_resamples_patients_not_slices():

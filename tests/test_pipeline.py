@@ -84,6 +84,43 @@ def test_finished_pipeline_is_skipped_and_from_reruns_a_stage(pipeline_run):
     assert (out / "final" / "model_final.pth").stat().st_mtime == before
 
 
+def test_score_threshold_chosen_on_validation_without_predicting_the_test_slices_again(pipeline_run):
+    out, args, _, _ = pipeline_run
+    test_instances = (out / "predict" / "final_instances.json").stat().st_mtime
+    proc = run_tool("run_pipeline.py", *args, "predict.score_threshold=val", "predict.threshold_grid=[0.2, 0.6, 0.95]")
+    log = proc.stdout + proc.stderr
+    assert "stage final        done (skipped)" in log and "stage predict      running" in log
+    thresholds = json.loads((out / "predict" / "thresholds.json").read_text())
+    assert list(thresholds) == ["r50", "r101", "x101", "final"]
+    for name, chosen in thresholds.items():
+        assert chosen["chosen_on"] == "val" and list(chosen["val_ARI"]) == ["0.2", "0.6", "0.95"]
+        # the best validation ARI, the lowest threshold on a tie
+        top = max(chosen["val_ARI"].values())
+        assert chosen["threshold"] == min(float(t) for t, v in chosen["val_ARI"].items() if v == top)
+        assert (out / "predict" / "val" / f"{name}_instances.json").exists()
+    # the test slices' instances were reused: only the threshold changed
+    assert (out / "predict" / "final_instances.json").stat().st_mtime == test_instances
+    table = json.loads((out / "evaluate" / "table.json").read_text())
+    assert {row["model"]: row.get("threshold") for row in table} == {
+        "baseline": None, **{name: chosen["threshold"] for name, chosen in thresholds.items()}}
+    # the submission is the final model's instances flattened at its chosen threshold
+    from d2ct.postprocess.submission import PostprocessOptions, label_maps_from_instances, load_instances
+
+    names = ["0.png", "1.png", "2.png"]
+    maps = label_maps_from_instances(load_instances(out / "predict" / "final_instances.json"), names,
+                                     PostprocessOptions(thresholds["final"]["threshold"], 5, 3))
+    submission = read_labels_csv(out / "submission.csv")
+    assert all((submission.label_map(n, (96, 96)) == m).all() for n, m in zip(names, maps))
+    # back to the fixed threshold: flattened again, nothing predicted again
+    run_tool("run_pipeline.py", *args)
+    assert json.loads((out / "predict" / "thresholds.json").read_text())["final"] == {
+        "threshold": 0.5, "chosen_on": "config"}
+    with pytest.raises(ConfigError, match="predict.score_threshold must be a score in \\[0, 1\\] or val"):
+        load_pipeline_config("configs/demo/pipeline.yaml", ["predict.score_threshold=best"])
+    with pytest.raises(ConfigError, match="predict.threshold_grid"):
+        load_pipeline_config("configs/demo/pipeline.yaml", ["predict.threshold_grid=[]"])
+
+
 def test_pipeline_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown pipeline key 'pseudolabel.nope'"):
         load_pipeline_config("configs/demo/pipeline.yaml", ["pseudolabel.nope=1"])

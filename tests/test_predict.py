@@ -89,3 +89,35 @@ def test_predict_volume_writes_labels_on_the_input_grid(tiny_model, tmp_path):
     assert np.allclose(pred.affine, affine)
     labels = np.asarray(pred.dataobj)
     assert labels.dtype.kind in "iu" and labels.min() >= 0
+
+
+def _square(y0, x0, size=4, shape=(12, 12)):
+    from pycocotools import mask as mask_util
+
+    m = np.zeros(shape, np.uint8)
+    m[y0:y0 + size, x0:x0 + size] = 1
+    rle = mask_util.encode(np.asfortranarray(m))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def test_threshold_on_labelled_slices_keeps_true_structures_and_drops_invented_ones():
+    from d2ct.errors import DataError
+    from d2ct.postprocess.submission import label_maps_from_instances
+    from d2ct.postprocess.threshold import best_threshold, threshold_scores
+
+    # a true square scored 0.6, an invented one scored 0.3: 0.5 keeps the first only
+    instances = {"a.png": ([_square(0, 0), _square(6, 6)], np.array([0.6, 0.3], np.float32)),
+                 "b.png": ([], np.zeros(0, np.float32))}
+    truth = [np.zeros((12, 12), np.uint8), np.zeros((12, 12), np.uint8)]
+    truth[0][0:4, 0:4] = 3
+    scores = threshold_scores(instances, ["a.png", "b.png"], truth, PostprocessOptions(0.5, 1, 0), [0.2, 0.5, 0.9])
+    assert scores[0.5] == pytest.approx(1.0) and scores[0.2] < 1 and scores[0.9] < 1
+    assert best_threshold(scores) == 0.5
+    assert best_threshold({0.3: 0.8, 0.7: 0.8, 0.9: 0.1}) == 0.3  # a tie: the lowest threshold
+    maps = label_maps_from_instances(instances, ["b.png", "a.png"], PostprocessOptions(0.5, 1, 0))
+    assert maps.shape == (2, 12, 12) and maps[0].max() == 0 and maps[1].max() == 1  # the empty slice keeps its size
+    with pytest.raises(DataError, match="no saved instances for 1 slice"):
+        label_maps_from_instances(instances, ["c.png"], PostprocessOptions())
+    with pytest.raises(DataError, match="size is unknown"):
+        label_maps_from_instances(instances, ["b.png"], PostprocessOptions())

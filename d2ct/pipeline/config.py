@@ -57,7 +57,11 @@ DEFAULTS: dict[str, Any] = {
     # hundred human labels are not outnumbered by several times as many pseudo-labelled slices.
     "final": {"config": None, "threshold": 0.7, "opts": [], "init": "scratch", "pseudo_labels": True,
               "labelled_repeat": 1},
-    "predict": {"flip_tta": False, "score_threshold": 0.5, "min_area": 5, "fallback_top_k": 3, "batch_size": 4},
+    # score_threshold: a number, or "val": each model's threshold is chosen from threshold_grid by
+    # its mean ARI on the validation split (predict/thresholds.json), so models are compared at
+    # their best rather than at one calibration
+    "predict": {"flip_tta": False, "score_threshold": 0.5, "threshold_grid": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+                "min_area": 5, "fallback_top_k": 3, "batch_size": 4},
     "report": {"overlays": 6},
     "opts": [],  # KEY VALUE overrides applied to every training config (before each model's own opts)
 }
@@ -129,6 +133,10 @@ def load_pipeline_config(path: str | None, overrides: Sequence[str] = ()) -> dic
     return cfg
 
 
+def _is_score(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
 def validate(cfg: dict, source: str) -> None:
     data = cfg["data"]
     if not data.get("root"):
@@ -175,6 +183,11 @@ def validate(cfg: dict, source: str) -> None:
         if ignore >= low:
             raise ConfigError(f"{source}: pseudolabel.ignore_below ({ignore}) must be below every pseudo-label "
                               f"threshold (radiologists' and final.threshold; lowest {low})")
+    threshold, grid = cfg["predict"]["score_threshold"], cfg["predict"]["threshold_grid"]
+    if threshold != "val" and not _is_score(threshold):
+        raise ConfigError(f"{source}: predict.score_threshold must be a score in [0, 1] or val, got {threshold!r}")
+    if not isinstance(grid, list) or not grid or not all(_is_score(t) for t in grid):
+        raise ConfigError(f"{source}: predict.threshold_grid must be a non-empty list of scores in [0, 1], got {grid!r}")
     if int(cfg["pseudolabel"]["rounds"]) < 1:
         raise ConfigError(f"{source}: pseudolabel.rounds must be at least 1")
     for key, opts in (("opts", cfg["opts"]), ("final.opts", cfg["final"]["opts"])):

@@ -11,7 +11,7 @@ import pandas as pd
 from d2ct.utils.fileio import atomic_write_text, read_json
 
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth foreground)"), ("Dice", "Dice"),
-           ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50")]
+           ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50"), ("threshold", "score threshold")]
 
 
 def _fmt(value, percent: bool = False) -> str:
@@ -99,7 +99,9 @@ def write_pipeline_report(pipeline) -> Path:
         "ARI: the organisers' sample-wise adjusted Rand index over all pixels (background included), and the "
         "variant of the written rules (pixels that are background in the truth excluded). Dice: one-to-one "
         "matching of structures by IoU. Mask AP: class-agnostic COCO AP of the scored instances (baseline: "
-        "every region scored 1).",
+        "every region scored 1). Score threshold: instances below it were left out of the label maps "
+        "(`predict.score_threshold`; `val`: each model's own, chosen on the validation split, "
+        "`predict/thresholds.json`).",
         "",
         "## Training",
         "",

@@ -363,30 +363,71 @@ class Pipeline:
             models.append(("final" if round_ == rounds else f"final_r{round_}", self.final_dir(round_)))
         return models
 
+    def val_images(self) -> tuple[Path, list[str], Callable[[str], np.ndarray | None]]:
+        """(image folder, names, truth label map by name) of the validation split."""
+        from d2ct.data.register import split_names
+
+        ds, names = split_names(self.dataset(), "val", **self._split_options())
+        if ds is None or not names:
+            raise StageError(f"{self.data_root}: the validation split is empty: predict.score_threshold "
+                             "val needs one (data.val_fraction)")
+        return ds.image_dir, names, ds.label_map
+
+    def _predict_instances(self, name: str, model_dir: Path, folder: Path, names: list[str], out: Path) -> Path:
+        """Every scored instance of one model on ``names`` (reused when present: ``--from predict``
+        predicts again). Label maps are flattened from them, so a new threshold needs no model."""
+        pr = self.cfg["predict"]
+        instances = out / f"{name}_instances.json"
+        if not instances.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "images.txt", "\n".join(names) + "\n")
+            args = ["--model", model_dir, "--input", folder, "--list", out / "images.txt", "--out", out / f"{name}.csv",
+                    "--instances", instances, "--min-area", pr["min_area"], "--fallback-top-k", pr["fallback_top_k"],
+                    "--batch-size", pr["batch_size"], "--num-gpus", self.cfg["num_gpus"]]
+            if pr["flip_tta"]:
+                args.append("--flip-tta")
+            self._run_tool("predict.py", args, f"predict_{name}" if out.name == "predict" else f"predict_{name}_{out.name}")
+        return instances
+
     def stage_predict(self) -> dict:
+        from d2ct.postprocess.submission import (PostprocessOptions, label_maps_from_instances, load_instances,
+                                                 write_submission)
+        from d2ct.postprocess.threshold import best_threshold, threshold_scores
+
         pr = self.cfg["predict"]
         folder, names, _ = self.eval_images()
         out = self.out / "predict"
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "images.txt", "\n".join(names) + "\n")
-        outputs = {}
+        tune = pr["score_threshold"] == "val"
+        if tune:
+            val_folder, val_names, val_truth_of = self.val_images()
+            val_truth = [val_truth_of(n) for n in val_names]
+            if self.eval_split() == "val":
+                logger.warning("predict.score_threshold val: the thresholds are chosen on the split the "
+                               "scores are reported on, so those scores are optimistic")
+        thresholds, outputs = {}, {}
         for name, model_dir in self.models():
+            instances = self._predict_instances(name, model_dir, folder, names, out)
+            if tune:
+                val_instances = self._predict_instances(name, model_dir, val_folder, val_names, out / "val")
+                options = PostprocessOptions(0.5, pr["min_area"], pr["fallback_top_k"])
+                scores = threshold_scores(load_instances(val_instances), val_names, val_truth, options,
+                                          pr["threshold_grid"])
+                thresholds[name] = {"threshold": best_threshold(scores), "chosen_on": "val",
+                                    "val_ARI": {f"{t:g}": round(v, 4) for t, v in scores.items()}}
+                logger.info("%s: score threshold %g (validation ARI %.3f; %s)", name, thresholds[name]["threshold"],
+                            max(scores.values()), ", ".join(f"{t:g}: {v:.3f}" for t, v in scores.items()))
+            else:
+                thresholds[name] = {"threshold": float(pr["score_threshold"]), "chosen_on": "config"}
+            options = PostprocessOptions(thresholds[name]["threshold"], pr["min_area"], pr["fallback_top_k"])
             csv = out / f"{name}.csv"
-            instances = out / f"{name}_instances.json"
-            if not (csv.exists() and instances.exists()):
-                args = ["--model", model_dir, "--input", folder, "--list", out / "images.txt", "--out", csv,
-                        "--instances", instances, "--threshold", pr["score_threshold"], "--min-area", pr["min_area"],
-                        "--fallback-top-k", pr["fallback_top_k"], "--batch-size", pr["batch_size"],
-                        "--num-gpus", self.cfg["num_gpus"]]
-                if pr["flip_tta"]:
-                    args.append("--flip-tta")
-                self._run_tool("predict.py", args, f"predict_{name}")
+            write_submission(csv, names, label_maps_from_instances(load_instances(instances), names, options))
             outputs[name] = str(csv)
-        final_csv = out / "final.csv"
+        atomic_write_json(out / "thresholds.json", thresholds)
         submission = self.out / "submission.csv"
-        shutil.copyfile(final_csv, str(submission) + ".tmp")
+        shutil.copyfile(out / "final.csv", str(submission) + ".tmp")
         os.replace(str(submission) + ".tmp", submission)
         outputs["submission"] = str(submission)
+        outputs["thresholds"] = str(out / "thresholds.json")
         return outputs
 
     # ------------------------------------------------------------------------------------------
@@ -409,6 +450,8 @@ class Pipeline:
             sources.append(("baseline", self.out / "baseline" / "predictions.csv", None))
         for name, _ in self.models():
             sources.append((name, self.out / "predict" / f"{name}.csv", self.out / "predict" / f"{name}_instances.json"))
+        thresholds_file = self.out / "predict" / "thresholds.json"
+        thresholds = read_json(thresholds_file) if thresholds_file.exists() else {}
         table = []
         for name, csv, instances_file in sources:
             pred = read_labels_csv(csv, expected_pixels=shape[0] * shape[1])
@@ -420,7 +463,10 @@ class Pipeline:
                 preds = [list(zip(inst[n][0], inst[n][1].tolist())) for n in names]
                 summary.update(coco_ap(gt_rles, preds, [shape] * len(names)))
             write_report(type(result)(result.per_image, summary), self.out / "evaluate" / name, title=name)
-            table.append({"model": name, **summary})
+            row = {"model": name, **summary}
+            if name in thresholds:  # the score threshold its label maps were flattened at
+                row["threshold"] = thresholds[name]["threshold"]
+            table.append(row)
         atomic_write_json(self.out / "evaluate" / "table.json", table)
         return {"table": str(self.out / "evaluate" / "table.json")}
 

@@ -57,6 +57,25 @@ def label_maps_from_predictions(preds: Sequence, options: PostprocessOptions) ->
     return np.stack(maps) if maps else np.zeros((0, 0, 0), np.uint8)
 
 
+def label_maps_from_instances(instances: dict[str, tuple[list[dict], np.ndarray]], names: Sequence[str],
+                              options: PostprocessOptions) -> np.ndarray:
+    """(N, H, W) label maps of ``names`` from saved instances (:func:`load_instances`): flattening
+    again at another threshold needs no model."""
+    missing = [n for n in names if n not in instances]
+    if missing:
+        raise DataError(f"no saved instances for {len(missing)} slice(s), e.g. {missing[0]}")
+    sizes = {tuple(r["size"]) for n in names for r in instances[n][0][:1]}
+    if len(sizes) > 1:
+        raise DataError(f"slices of several sizes cannot share one submission CSV: {sorted(sizes)}")
+    if not sizes:  # no instance on any slice: nothing says how large they are
+        raise DataError("no slice has a saved instance: the slice size is unknown")
+    shape = sizes.pop()
+    maps = [instances_to_label_map(instances[n][0], instances[n][1], shape=shape,
+                                   score_threshold=options.score_threshold, min_area=options.min_area,
+                                   fallback_top_k=options.fallback_top_k) for n in names]
+    return np.stack(maps) if maps else np.zeros((0, *shape), np.uint8)
+
+
 def find_slices(folder: str | os.PathLike) -> tuple[Path, list[str]]:
     """The PNG slices to predict: the folder itself, or the image folder of a challenge data set
     (test-images/, then images/, then train-images/)."""
