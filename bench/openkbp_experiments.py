@@ -322,6 +322,31 @@ def pseudo_label_counts(args) -> list[str]:
             "|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def chosen_thresholds(args) -> list[str]:
+    """Where a run chose its score thresholds on the validation split (predict/thresholds.json):
+    the validation ARI at every threshold tried, so the reader sees how sharp the choice was."""
+    base, tag = Path(args.output), teacher_tag(args)
+    rows, grid, seen_teachers = [], None, False
+    for variant in VARIANTS:
+        path = run_dir(base, variant, tag) / "predict" / "thresholds.json"
+        if not path.exists():
+            continue
+        chosen = {m: c for m, c in read_json(path).items() if c.get("chosen_on") == "val"}
+        for model, c in chosen.items():
+            if seen_teachers and not model.startswith("final"):
+                continue  # the radiologists are the same in every run: shown once
+            grid = grid or list(c["val_ARI"])
+            rows.append(f"| {variant} | {model} | {c['threshold']:g} | "
+                        + " | ".join(_fmt(c["val_ARI"].get(t)) for t in grid) + " |")
+        seen_teachers = seen_teachers or bool(chosen)
+    if not rows:
+        return []
+    return ["## Score thresholds chosen on the validation split", "",
+            "Each model's label maps use the threshold with the best mean ARI (all pixels) on the validation "
+            "slices (`predict.score_threshold: val`); its validation ARI at every threshold tried:", "",
+            "| run | model | chosen | " + " | ".join(grid) + " |", "|---|---|---|" + "---|" * len(grid), *rows, ""]
+
+
 def table(args) -> str:
     base = Path(args.output)
     lines = ["| run | model | " + " | ".join(t for _, t in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
@@ -377,7 +402,8 @@ def table(args) -> str:
     truth_fg = foreground_pixels(_holdout(args) / "test-labels.csv.gz")
     if truth_fg is not None:
         lines += ["", f"The truth has {truth_fg} foreground pixels per test slice (partial contours: at most 7 organs)."]
-    return "\n".join(head + lines + [""] + paired_differences(args) + pseudo_label_counts(args) + details)
+    return "\n".join(head + lines + [""] + paired_differences(args) + chosen_thresholds(args) + pseudo_label_counts(args)
+                     + details)
 
 
 def _threshold(text: str) -> str:

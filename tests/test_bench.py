@@ -352,3 +352,28 @@ def test_openkbp_table_lists_what_each_round_of_pseudo_labelling_kept(tmp_path):
     text = openkbp_experiments.table(SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml"))
     assert "| main | pseudolabels | partition | 7 of 8 | 21 | 3.00 | 2 |" in text
     assert "| main | pseudolabels_r2 | partition | 6 of 8 | 18 | 3.00 | 2 |" in text
+
+
+def test_openkbp_table_shows_thresholds_chosen_on_validation_and_teachers_once(tmp_path):
+    base = tmp_path / "cpu_pipeline"
+    _fake_run(base)
+    chosen = {"r50": {"threshold": 0.3, "chosen_on": "val", "val_ARI": {"0.3": 0.62, "0.5": 0.607}},
+              "final": {"threshold": 0.5, "chosen_on": "val", "val_ARI": {"0.3": 0.5, "0.5": 0.6}}}
+    (base / "predict").mkdir()
+    (base / "predict" / "thresholds.json").write_text(json.dumps(chosen))
+    other = tmp_path / "cpu_pipeline_consensus" / "predict"
+    other.mkdir(parents=True)
+    (other / "thresholds.json").write_text(json.dumps({**chosen, "final": {**chosen["final"], "threshold": 0.3}}))
+    table = json.loads((base / "evaluate" / "table.json").read_text())
+    (base / "evaluate" / "table.json").write_text(json.dumps([{**row, "threshold": 0.3} for row in table]))
+    text = openkbp_experiments.table(SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml"))
+    section = text.split("## Score thresholds chosen on the validation split", 1)[1]
+    assert "| run | model | chosen | 0.3 | 0.5 |" in section
+    assert "| main | r50 | 0.3 | 0.620 | 0.607 |" in section and "| main | final | 0.5 | 0.500 | 0.600 |" in section
+    assert "| consensus | final | 0.3 |" in section and "| consensus | r50 |" not in section
+    assert "| main | final | 0.600 |" in text and text.split("| main | final |")[1].split("\n")[0].endswith("| 0.3 |")
+    # fixed thresholds: no such section
+    (base / "predict" / "thresholds.json").write_text(json.dumps({"final": {"threshold": 0.5, "chosen_on": "config"}}))
+    (other / "thresholds.json").unlink()
+    assert "## Score thresholds chosen" not in openkbp_experiments.table(
+        SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml"))
