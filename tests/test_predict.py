@@ -121,3 +121,7 @@ def test_threshold_on_labelled_slices_keeps_true_structures_and_drops_invented_o
         label_maps_from_instances(instances, ["c.png"], PostprocessOptions())
     with pytest.raises(DataError, match="size is unknown"):
         label_maps_from_instances(instances, ["b.png"], PostprocessOptions())
+    # a model that found nothing anywhere still gives empty label maps of the data set's size
+    assert not label_maps_from_instances(instances, ["b.png"], PostprocessOptions(), shape=(12, 12)).any()
+    with pytest.raises(DataError, match="several sizes"):
+        label_maps_from_instances(instances, ["a.png"], PostprocessOptions(), shape=(10, 12))

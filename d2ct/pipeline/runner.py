@@ -363,6 +363,10 @@ class Pipeline:
             models.append(("final" if round_ == rounds else f"final_r{round_}", self.final_dir(round_)))
         return models
 
+    def slice_shape(self) -> tuple[int, int]:
+        """(H, W) of the data set's slices, from the data stage's summary."""
+        return tuple(read_json(self.out / "data" / "summary.json")["shape"])
+
     def val_images(self) -> tuple[Path, list[str], Callable[[str], np.ndarray | None]]:
         """(image folder, names, truth label map by name) of the validation split."""
         from d2ct.data.register import split_names
@@ -420,7 +424,8 @@ class Pipeline:
                 thresholds[name] = {"threshold": float(pr["score_threshold"]), "chosen_on": "config"}
             options = PostprocessOptions(thresholds[name]["threshold"], pr["min_area"], pr["fallback_top_k"])
             csv = out / f"{name}.csv"
-            write_submission(csv, names, label_maps_from_instances(load_instances(instances), names, options))
+            maps = label_maps_from_instances(load_instances(instances), names, options, shape=self.slice_shape())
+            write_submission(csv, names, maps)
             outputs[name] = str(csv)
         atomic_write_json(out / "thresholds.json", thresholds)
         submission = self.out / "submission.csv"

@@ -58,13 +58,14 @@ def label_maps_from_predictions(preds: Sequence, options: PostprocessOptions) ->
 
 
 def label_maps_from_instances(instances: dict[str, tuple[list[dict], np.ndarray]], names: Sequence[str],
-                              options: PostprocessOptions) -> np.ndarray:
+                              options: PostprocessOptions, shape: tuple[int, int] | None = None) -> np.ndarray:
     """(N, H, W) label maps of ``names`` from saved instances (:func:`load_instances`): flattening
-    again at another threshold needs no model."""
+    again at another threshold needs no model. ``shape`` (H, W) is needed only when no slice has
+    an instance (the masks carry their size)."""
     missing = [n for n in names if n not in instances]
     if missing:
         raise DataError(f"no saved instances for {len(missing)} slice(s), e.g. {missing[0]}")
-    sizes = {tuple(r["size"]) for n in names for r in instances[n][0][:1]}
+    sizes = {tuple(r["size"]) for n in names for r in instances[n][0][:1]} | ({tuple(shape)} if shape else set())
     if len(sizes) > 1:
         raise DataError(f"slices of several sizes cannot share one submission CSV: {sorted(sizes)}")
     if not sizes:  # no instance on any slice: nothing says how large they are

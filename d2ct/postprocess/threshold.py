@@ -29,7 +29,7 @@ def threshold_scores(instances: dict, names: Sequence[str], truth: Sequence[np.n
     scores = {}
     for t in grid:
         opts = PostprocessOptions(float(t), options.min_area, options.fallback_top_k)
-        maps = label_maps_from_instances(instances, names, opts)
+        maps = label_maps_from_instances(instances, names, opts, shape=truth[0].shape)
         scores[float(t)] = float(np.mean([score_image(y, p)["ARI"] for y, p in zip(truth, maps)]))
     return scores
 
