@@ -268,9 +268,16 @@ def patient_bootstrap(diff, patients, n: int = 10000, seed: int = 0) -> tuple[fl
     return float(diff.mean()), float(low), float(high)
 
 
-def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled", "final")) -> list[str]:
+# the labelled-only control of each schedule: a pseudo-labelled run is compared with the control
+# that had the same start and number of iterations
+CONTROLS = {"long_labelled": ("long_thr09",)}
+
+
+def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled", "final"),
+                       variants: tuple[str, ...] | None = None) -> list[str]:
     """Every model's per-slice ARI minus the reference model's (the labelled-only control), on the
-    same test slices, with a patient-bootstrap 95% interval."""
+    same test slices, with a patient-bootstrap 95% interval. ``variants``: only these runs' final
+    models (default: every run, the radiologists included)."""
     import csv
 
     base, tag = Path(args.output), teacher_tag(args)
@@ -289,12 +296,15 @@ def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled",
     with open(manifest, newline="") as fh:
         patient = {row["file"]: row["patient"] for row in csv.DictReader(fh) if row.get("holdout") == "test"}
     models: list[tuple[str, str]] = []
-    for variant in VARIANTS:
+    for variant in variants or VARIANTS:
         out = run_dir(base, variant, tag)
-        names = [r["name"] for r in radiologists(args)] if not models else []
+        names = [r["name"] for r in radiologists(args)] if not models and variants is None else []
         models += [(variant, m) for m in names + sorted(d.name for d in (out / "evaluate").glob("final*") if d.is_dir())
                    if (variant, m) != reference and (out / "evaluate" / m / "per_image.csv").exists()]
-    lines = ["## Paired differences on the test slices", "",
+    if not models:
+        return []
+    heading = "## Paired differences on the test slices" + (f": against {reference[0]}" if variants else "")
+    lines = [heading, "",
              f"Per-slice ARI (all pixels) minus that of `{reference[0]} {reference[1]}` (the labelled-only "
              f"control) on the same {len(ref)} slices; 95% interval from 10,000 bootstrap resamples of the "
              f"{len(set(patient.get(n) for n in ref))} test patients (seed 0). An interval that contains 0 is "
@@ -405,8 +415,10 @@ def table(args) -> str:
     truth_fg = foreground_pixels(_holdout(args) / "test-labels.csv.gz")
     if truth_fg is not None:
         lines += ["", f"The truth has {truth_fg} foreground pixels per test slice (partial contours: at most 7 organs)."]
-    return "\n".join(head + lines + [""] + paired_differences(args) + chosen_thresholds(args) + pseudo_label_counts(args)
-                     + details)
+    paired = paired_differences(args)
+    for control, variants in CONTROLS.items():
+        paired += paired_differences(args, (control, "final"), variants)
+    return "\n".join(head + lines + [""] + paired + chosen_thresholds(args) + pseudo_label_counts(args) + details)
 
 
 def _threshold(text: str) -> str:

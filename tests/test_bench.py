@@ -324,6 +324,13 @@ def test_openkbp_table_has_paired_differences_against_the_control(tmp_path):
     assert "| warmstart | r50 | -0.100 | [-0.100, -0.100] | 0 / 6 |" in text
     assert "| warmstart | final | +0.100 | [+0.100, +0.100] | 6 / 0 |" in text
     assert "| warmstart_labelled |" not in text.split("## Paired")[1].split("###")[0]  # not against itself
+    assert "against long_labelled" not in text  # no longer schedule has run
+    # a longer schedule's pseudo-labelled run is also compared with its own control
+    per_image("long_labelled", "final", [0.7] * 6)
+    per_image("long_thr09", "final", [0.65] * 6)
+    section = openkbp_experiments.table(args).split("## Paired differences on the test slices: against long_labelled")[1]
+    assert "| long_thr09 | final | -0.050 | [-0.050, -0.050] | 0 / 6 |" in section.split("##")[0]
+    assert "| warmstart |" not in section.split("##")[0]
 
 
 def test_openkbp_table_counts_foreground_pixels_of_predictions_and_truth(tmp_path):
