@@ -14,6 +14,7 @@ several GPUs (or CPU processes).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -408,13 +409,15 @@ class Pipeline:
             if self.eval_split() == "val":
                 logger.warning("predict.score_threshold val: the thresholds are chosen on the split the "
                                "scores are reported on, so those scores are optimistic")
+        # min_area and fallback are the config's; the score threshold is set per model below
+        post = PostprocessOptions(min_area=pr["min_area"], fallback_top_k=pr["fallback_top_k"])
+        shape = self.slice_shape()
         thresholds, outputs = {}, {}
         for name, model_dir in self.models():
             instances = self._predict_instances(name, model_dir, folder, names, out)
             if tune:
                 val_instances = self._predict_instances(name, model_dir, val_folder, val_names, out / "val")
-                options = PostprocessOptions(0.5, pr["min_area"], pr["fallback_top_k"])
-                scores = threshold_scores(load_instances(val_instances), val_names, val_truth, options,
+                scores = threshold_scores(load_instances(val_instances), val_names, val_truth, post,
                                           pr["threshold_grid"])
                 thresholds[name] = {"threshold": best_threshold(scores), "chosen_on": "val",
                                     "val_ARI": {f"{t:g}": round(v, 4) for t, v in scores.items()}}
@@ -422,9 +425,9 @@ class Pipeline:
                             max(scores.values()), ", ".join(f"{t:g}: {v:.3f}" for t, v in scores.items()))
             else:
                 thresholds[name] = {"threshold": float(pr["score_threshold"]), "chosen_on": "config"}
-            options = PostprocessOptions(thresholds[name]["threshold"], pr["min_area"], pr["fallback_top_k"])
+            options = dataclasses.replace(post, score_threshold=thresholds[name]["threshold"])
             csv = out / f"{name}.csv"
-            maps = label_maps_from_instances(load_instances(instances), names, options, shape=self.slice_shape())
+            maps = label_maps_from_instances(load_instances(instances), names, options, shape=shape)
             write_submission(csv, names, maps)
             outputs[name] = str(csv)
         atomic_write_json(out / "thresholds.json", thresholds)

@@ -8,6 +8,7 @@ model's threshold on the validation split, never on the test slices, compares th
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -16,19 +17,17 @@ from d2ct.errors import DataError
 
 from .submission import PostprocessOptions, label_maps_from_instances
 
-DEFAULT_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
 def threshold_scores(instances: dict, names: Sequence[str], truth: Sequence[np.ndarray],
-                     options: PostprocessOptions, grid: Sequence[float] = DEFAULT_GRID) -> dict[float, float]:
-    """Mean per-slice ARI (all pixels) of the flattened instances at each threshold of ``grid``."""
+                     options: PostprocessOptions, grid: Sequence[float]) -> dict[float, float]:
+    """Mean per-slice ARI (all pixels) of the flattened instances at each threshold of ``grid``
+    (``options`` gives the other flattening settings; the pipeline's grid: predict.threshold_grid)."""
     from d2ct.evaluation.report import score_image
 
     if len(names) != len(truth) or not names:
         raise DataError(f"threshold_scores: {len(names)} slice names and {len(truth)} label maps")
     scores = {}
     for t in grid:
-        opts = PostprocessOptions(float(t), options.min_area, options.fallback_top_k)
+        opts = dataclasses.replace(options, score_threshold=float(t))
         maps = label_maps_from_instances(instances, names, opts, shape=truth[0].shape)
         scores[float(t)] = float(np.mean([score_image(y, p)["ARI"] for y, p in zip(truth, maps)]))
     return scores
