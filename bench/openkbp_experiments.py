@@ -31,8 +31,10 @@ teachers' uncertain instances, scored 0.3-0.7, as ignore regions instead of back
 round-1 warm-started final model pseudo-labels the pool again; a second final model starts from it),
 ``warmstart_thr09_ignore`` (structures at 0.9 and above, 0.3-0.9 as ignore regions),
 ``warmstart_thr095`` (threshold 0.95), ``warmstart_thr09_repeat3`` (threshold 0.9 with the labelled
-split listed three times), and a pair with twice the final budget (1,200 iterations,
-``configs/cpu/final_warmstart_long.yaml``): ``long_labelled`` (the control) and ``long_thr09``.
+split listed three times), and runs with twice the final budget (1,200 iterations,
+``configs/cpu/final_warmstart_long.yaml``): ``long_labelled`` (the control), ``long_thr09``,
+``long_consensus`` and ``long_labelled_seed7`` (the control with another training seed: how far two
+runs of one recipe land apart).
 """
 from __future__ import annotations
 
@@ -80,12 +82,21 @@ VARIANTS = {
                       "final.pseudo_labels=false"],
     "long_thr09": ["final.config=configs/cpu/final_warmstart_long.yaml", "final.init=best",
                    "radiologists.*.threshold=0.9"],
+    "long_consensus": ["final.config=configs/cpu/final_warmstart_long.yaml", "final.init=best",
+                       "pseudolabel.mode=consensus"],
+    # the control again with another training seed (data order and augmentation): how far two runs of
+    # the same recipe land apart, the yardstick for every difference between variants above
+    "long_labelled_seed7": ["final.config=configs/cpu/final_warmstart_long.yaml", "final.init=best",
+                            "final.pseudo_labels=false", "final.opts=[SEED, 7]"],
 }
 # two-round variants: their first round is this variant's, copied when it has finished
 ROUND1_OF = {"rounds2": "main", "warmstart_rounds2": "warmstart"}
-# variants whose round-1 pseudo-labels are the same (same models, thresholds, mode and seed): the
-# first one to finish them shares its folder with the others instead of labelling the pool again
-SAME_PSEUDOLABELS = ("main", "warmstart", "warmstart_labelled", "warmstart_repeat3")
+# groups of variants whose round-1 pseudo-labels are the same (same models, thresholds, mode and
+# seed): the first one to finish them shares its folder with the others instead of labelling the pool again
+SAME_PSEUDOLABELS = (("main", "warmstart", "warmstart_labelled", "warmstart_repeat3", "long_labelled",
+                      "long_labelled_seed7"),
+                     ("warmstart_thr09", "warmstart_thr09_repeat3", "long_thr09"),
+                     ("consensus", "warmstart_consensus", "long_consensus"))
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
            ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50"), ("Precision50", "precision@0.5"),
            ("n_pred", "instances"), ("fg_px", "foreground px / slice"), ("threshold", "score threshold")]
@@ -182,8 +193,9 @@ def run_variant(args, variant: str) -> None:
                 print(f"[openkbp] {variant}: round 1 is {round1.name}'s: copying {round1 / folder}", flush=True)
                 # its periodic checkpoints are not needed: round 2 starts from model_best/model_final
                 shutil.copytree(round1 / folder, out / folder, ignore=shutil.ignore_patterns("model_0*.pth"))
-    if variant in SAME_PSEUDOLABELS and not (out / "pseudolabels" / "stats.json").exists():
-        for other in SAME_PSEUDOLABELS:
+    same = next((group for group in SAME_PSEUDOLABELS if variant in group), ())
+    if same and not (out / "pseudolabels" / "stats.json").exists():
+        for other in same:
             done = run_dir(base, other, tag) / "pseudolabels"
             if other != variant and (done / "stats.json").exists() and (done / "pseudo_labels.json").exists():
                 print(f"[openkbp] {variant}: pseudo-labels are {other}'s: copying {done}", flush=True)
@@ -270,7 +282,7 @@ def patient_bootstrap(diff, patients, n: int = 10000, seed: int = 0) -> tuple[fl
 
 # the labelled-only control of each schedule: a pseudo-labelled run is compared with the control
 # that had the same start and number of iterations
-CONTROLS = {"long_labelled": ("long_thr09",)}
+CONTROLS = {"long_labelled": ("long_thr09", "long_consensus", "long_labelled_seed7")}
 
 
 def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled", "final"),

@@ -121,6 +121,32 @@ def test_score_threshold_chosen_on_validation_without_predicting_the_test_slices
         load_pipeline_config("configs/demo/pipeline.yaml", ["predict.threshold_grid=[]"])
 
 
+def test_saved_instances_are_predicted_again_only_when_stale(pipeline_run):
+    out, args, _, _ = pipeline_run
+    pred = out / "predict"
+    r50 = json.loads((pred / "r50_instances.json").read_text())
+    assert r50["source"]["flip_tta"] is False and len(r50["source"]["weights_sha256"]) == 64
+    # r50's as if another checkpoint had made them; r101's as saved before d2ct recorded a source
+    r50["source"]["weights_sha256"] = "0" * 64
+    (pred / "r50_instances.json").write_text(json.dumps(r50))
+    r101 = json.loads((pred / "r101_instances.json").read_text())
+    del r101["source"]
+    (pred / "r101_instances.json").write_text(json.dumps(r101))
+    kept = {n: (pred / f"{n}_instances.json").stat().st_mtime_ns for n in ("r101", "x101", "final")}
+    evaluated = (out / "evaluate" / "table.json").stat().st_mtime_ns
+    # a run killed during the predict stage resumes there
+    (out / "stages" / "predict.json").unlink()
+    proc = run_tool("run_pipeline.py", *args)
+    log = proc.stdout + proc.stderr
+    assert "r50_instances.json: made with another checkpoint: predicting again" in log
+    assert "r101_instances.json: reused as saved" in log
+    assert json.loads((pred / "r50_instances.json").read_text())["source"]["weights_sha256"] != "0" * 64
+    assert {n: (pred / f"{n}_instances.json").stat().st_mtime_ns for n in kept} == kept
+    # the stages after one that ran run too, even where their settings did not change
+    assert "stage evaluate     running" in log and "stage report       running" in log
+    assert (out / "evaluate" / "table.json").stat().st_mtime_ns > evaluated
+
+
 def test_pipeline_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown pipeline key 'pseudolabel.nope'"):
         load_pipeline_config("configs/demo/pipeline.yaml", ["pseudolabel.nope=1"])

@@ -61,6 +61,21 @@ def test_predict_slices_to_submission_csv(tiny_model, tiny_phantom, tmp_path):
     assert summary["n_images"] == 3 and -1.0 <= summary["ARI"] <= 1.0, ev.stdout
 
 
+def test_predict_instances_alone_record_what_made_them(tiny_model, tiny_phantom, tmp_path):
+    from d2ct.engine.predictor import prediction_source, same_source, trained_weights
+    from d2ct.postprocess.submission import instances_record
+
+    run_tool("predict.py", "--model", tiny_model, "--input", tiny_phantom, "--instances", tmp_path / "inst.json")
+    assert [f.name for f in tmp_path.iterdir()] == ["inst.json"]  # no CSV asked for, none written
+    source, names = instances_record(tmp_path / "inst.json")
+    assert names == {"0.png", "1.png", "2.png"}
+    weights = trained_weights(tiny_model)
+    assert source["weights"] == str(weights.resolve()) and same_source(source, prediction_source(weights, False))
+    assert not same_source(source, prediction_source(weights, True))  # flip TTA makes other instances
+    proc = run_tool("predict.py", "--model", tiny_model, "--input", tiny_phantom, check=False)
+    assert proc.returncode == 2 and "--out is needed" in proc.stderr
+
+
 def test_predict_bad_input_names_the_problem(tiny_model, tmp_path):
     proc = run_tool("predict.py", "--model", tiny_model, "--input", tmp_path / "nothing", "--out", tmp_path / "x.csv",
                     check=False)

@@ -23,7 +23,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2ct.engine import launch_cli
 from d2ct.engine.mapper import read_model_image
-from d2ct.engine.predictor import BatchPredictor, load_trained
+from d2ct.engine.predictor import BatchPredictor, load_trained, prediction_source
 from d2ct.errors import DataError
 from d2ct.postprocess.submission import (PostprocessOptions, find_slices, label_maps_from_predictions,
                                          save_instances, write_submission)
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="DIR", help="tools/train_net.py output folder")
     p.add_argument("--weights", help="checkpoint in (or path outside) the folder (default model_best.pth)")
     p.add_argument("--input", required=True, help="folder of PNG slices, data set folder, NIfTI file or DICOM folder")
-    p.add_argument("--out", required=True, help="output .csv/.csv.gz (slices) or .nii/.nii.gz (volume)")
+    p.add_argument("--out", help="output .csv/.csv.gz (slices) or .nii/.nii.gz (volume); slices may go to "
+                                  "--instances alone")
     p.add_argument("--threshold", type=float, help="instance score threshold (default: the model's config)")
     p.add_argument("--min-area", type=int, help="drop instances smaller than this many pixels")
     p.add_argument("--fallback-top-k", type=int, help="instances kept below the threshold when none passes")
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--list", metavar="FILE", help="predict only the slices named in FILE (one file name per line)")
     p.add_argument("--instances", metavar="FILE.json",
-                   help="also save every instance (score + RLE mask) before flattening, e.g. for mask AP")
+                   help="save every instance (score + RLE mask) before flattening, e.g. for mask AP or to "
+                        "flatten again at another threshold without the model")
     p.add_argument("--viz", metavar="DIR", help="write overlays (slice | prediction | truth) here")
     p.add_argument("--viz-count", type=int, default=12, help="slices shown in the overlays")
     p.add_argument("--truth", help="labels CSV of the input slices: adds truth to overlays and prints scores")
@@ -69,13 +71,15 @@ def _is_volume(path: Path) -> bool:
 
 
 def main(args):
+    source = Path(args.input)
+    if not args.out and (_is_volume(source) or not args.instances):
+        raise DataError("--out is needed (--instances alone is enough only for slices)")
     setup_logger(name="d2ct")
     setup_logger()
     cfg, weights = load_trained(args.model, args.weights, args.opts)
     options = PostprocessOptions.from_cfg(cfg, score_threshold=args.threshold, min_area=args.min_area,
                                           fallback_top_k=args.fallback_top_k)
     predictor = BatchPredictor(cfg, weights, batch_size=args.batch_size, flip_tta=args.flip_tta)
-    source = Path(args.input)
     if _is_volume(source):
         from d2ct.data.volumes import load_volume, save_label_volume, window
 
@@ -104,11 +108,14 @@ def main(args):
     preds = predictor.predict_files_sharded([(n, str(folder / n)) for n in names])
     if not comm.is_main_process():
         return
-    label_maps = label_maps_from_predictions(preds, options)
-    write_submission(args.out, names, label_maps)
     if args.instances:
-        save_instances(args.instances, preds)
-    print(f"{len(names)} slices -> {args.out}")
+        save_instances(args.instances, preds, prediction_source(weights, args.flip_tta, args.opts))
+    print(f"{len(names)} slices -> {', '.join(str(f) for f in (args.out, args.instances) if f)}")
+    if not (args.out or args.truth or args.viz):
+        return
+    label_maps = label_maps_from_predictions(preds, options)
+    if args.out:
+        write_submission(args.out, names, label_maps)
     truth = _read_truth(args.truth, names, label_maps.shape[1:]) if args.truth else None
     if truth is not None:
         from d2ct.evaluation.report import evaluate_label_maps, format_summary

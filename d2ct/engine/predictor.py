@@ -7,6 +7,7 @@ a distributed launch with the results gathered, in input order, on the main proc
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -132,10 +133,16 @@ def load_trained(output_dir: str | os.PathLike, checkpoint: str | None = None, o
     model_best.pth, else model_final.pth (or ``checkpoint``, relative to the folder)."""
     from d2ct.config import setup_cfg
 
-    out = Path(output_dir)
-    config = out / "config.yaml"
+    config = Path(output_dir) / "config.yaml"
     if not config.exists():
-        raise ConfigError(f"{out}: no config.yaml (is this a tools/train_net.py output folder?)")
+        raise ConfigError(f"{output_dir}: no config.yaml (is this a tools/train_net.py output folder?)")
+    return setup_cfg(str(config), list(opts)), str(trained_weights(output_dir, checkpoint))
+
+
+def trained_weights(output_dir: str | os.PathLike, checkpoint: str | None = None) -> Path:
+    """The checkpoint :func:`load_trained` uses: ``checkpoint`` (relative to the folder or not),
+    else model_best.pth, else model_final.pth."""
+    out = Path(output_dir)
     if checkpoint:
         weights = Path(checkpoint) if Path(checkpoint).is_absolute() or Path(checkpoint).exists() else out / checkpoint
     else:
@@ -144,7 +151,24 @@ def load_trained(output_dir: str | os.PathLike, checkpoint: str | None = None, o
             raise ConfigError(f"{out}: no model_best.pth or model_final.pth (has training finished?)")
     if not weights.exists():
         raise ConfigError(f"checkpoint not found: {weights}")
-    return setup_cfg(str(config), list(opts)), str(weights)
+    return weights
+
+
+def prediction_source(weights: str | os.PathLike, flip_tta: bool, opts: Sequence[str] = ()) -> dict:
+    """What a set of predictions was made with: the checkpoint (by content, so a retrained model
+    in the same file is told apart), flip TTA and the config overrides. Saved with the instances,
+    so whoever reuses them can tell when they are stale (:func:`same_source`)."""
+    with open(weights, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"weights": str(Path(weights).resolve()), "weights_sha256": digest, "flip_tta": bool(flip_tta),
+            "opts": [str(o) for o in opts]}
+
+
+def same_source(saved: dict, wanted: dict) -> bool:
+    """Would predicting with ``wanted`` give the instances saved with ``saved``? (Where the
+    checkpoint lies does not matter, only its content.)"""
+    keys = ("weights_sha256", "flip_tta", "opts")
+    return all(saved.get(k) == wanted.get(k) for k in keys)
 
 
 class BatchPredictor:

@@ -379,19 +379,36 @@ class Pipeline:
         return ds.image_dir, names, ds.label_map
 
     def _predict_instances(self, name: str, model_dir: Path, folder: Path, names: list[str], out: Path) -> Path:
-        """Every scored instance of one model on ``names`` (reused when present: ``--from predict``
-        predicts again). Label maps are flattened from them, so a new threshold needs no model."""
+        """Every scored instance of one model on ``names``. Label maps are flattened from them, so a
+        new threshold needs no model. Saved instances are reused when they cover ``names`` and were
+        made with this checkpoint (by content) and flip TTA setting; otherwise predicted again."""
+        from d2ct.engine.predictor import prediction_source, same_source, trained_weights
+        from d2ct.postprocess.submission import instances_record
+
         pr = self.cfg["predict"]
         instances = out / f"{name}_instances.json"
-        if not instances.exists():
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "images.txt", "\n".join(names) + "\n")
-            args = ["--model", model_dir, "--input", folder, "--list", out / "images.txt", "--out", out / f"{name}.csv",
-                    "--instances", instances, "--min-area", pr["min_area"], "--fallback-top-k", pr["fallback_top_k"],
-                    "--batch-size", pr["batch_size"], "--num-gpus", self.cfg["num_gpus"]]
-            if pr["flip_tta"]:
-                args.append("--flip-tta")
-            self._run_tool("predict.py", args, f"predict_{name}" if out.name == "predict" else f"predict_{name}_{out.name}")
+        if instances.exists():
+            saved, covered = instances_record(instances)
+            wanted = prediction_source(trained_weights(model_dir), pr["flip_tta"])
+            if not set(names) <= covered:
+                logger.info("%s: %d slice(s) missing: predicting again", instances, len(set(names) - covered))
+            elif saved is None:  # saved before d2ct recorded what instances were made with
+                logger.info("%s: reused as saved (no record of its checkpoint; --from predict predicts again)",
+                            instances)
+                return instances
+            elif same_source(saved, wanted):
+                return instances
+            else:
+                changed = [k for k in ("weights_sha256", "flip_tta", "opts") if saved.get(k) != wanted.get(k)]
+                logger.info("%s: made with another %s: predicting again", instances,
+                            " and ".join({"weights_sha256": "checkpoint"}.get(k, k) for k in changed))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "images.txt", "\n".join(names) + "\n")
+        args = ["--model", model_dir, "--input", folder, "--list", out / "images.txt", "--instances", instances,
+                "--batch-size", pr["batch_size"], "--num-gpus", self.cfg["num_gpus"]]
+        if pr["flip_tta"]:
+            args.append("--flip-tta")
+        self._run_tool("predict.py", args, f"predict_{name}" if out.name == "predict" else f"predict_{name}_{out.name}")
         return instances
 
     def stage_predict(self) -> dict:
@@ -492,7 +509,7 @@ class Pipeline:
         last = STAGES.index(until) if until else len(STAGES) - 1
         results = {}
         for stage in STAGES[: last + 1]:
-            if self.is_done(stage):
+            if self.is_done(stage) and not results:  # after a stage has run, every later one runs too
                 logger.info("stage %-12s done (skipped)", stage)
                 self.timings[stage] = read_json(self._marker(stage)).get("seconds", 0.0)
                 continue

@@ -99,12 +99,25 @@ def write_submission(path: str | os.PathLike, names: Sequence[str], label_maps: 
     return Path(path)
 
 
-def save_instances(path: str | os.PathLike, preds: Sequence) -> Path:
-    """Every instance of every slice (score + RLE), before flattening: what mask AP is computed on."""
-    atomic_write_json(path, {"images": [
+def save_instances(path: str | os.PathLike, preds: Sequence, source: dict | None = None) -> Path:
+    """Every instance of every slice (score + RLE), before flattening: what mask AP is computed on.
+    ``source``: what they were predicted with (``d2ct.engine.predictor.prediction_source``)."""
+    data = {"source": source} if source is not None else {}
+    data["images"] = [
         {"name": p.name, "height": p.height, "width": p.width, "scores": [float(s) for s in p.scores],
-         "rles": p.compact().rles or []} for p in preds]}, indent=None)
+         "rles": p.compact().rles or []} for p in preds]
+    atomic_write_json(path, data, indent=None)
     return Path(path)
+
+
+def instances_record(path: str | os.PathLike) -> tuple[dict | None, set[str]]:
+    """(source, slice names) of a :func:`save_instances` file; source is None for a file saved
+    without one (before d2ct recorded it)."""
+    try:
+        data = read_json(path)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    return data.get("source"), {im["name"] for im in data.get("images", [])}
 
 
 def load_instances(path: str | os.PathLike) -> dict[str, tuple[list[dict], np.ndarray]]:
