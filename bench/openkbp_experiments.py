@@ -347,6 +347,53 @@ def pseudo_label_counts(args) -> list[str]:
             "|---|---|---|---|---|---|---|", *rows, ""]
 
 
+QUALITY_THRESHOLDS = (0.5, 0.7, 0.9, 0.95)
+
+
+def pseudo_label_quality_section(args) -> list[str]:
+    """The pseudo-labelling rules applied to the radiologists' saved instances on the validation
+    slices, where the truth is known (d2ct.pseudolabel.quality): what each rule keeps, how much of
+    it is real and how much real structure it misses. Needs a run that chose its thresholds on
+    validation (it holds predict/val/<radiologist>_instances.json)."""
+    from d2ct.pipeline.config import load_pipeline_config
+    from d2ct.pipeline.runner import Pipeline
+    from d2ct.postprocess.submission import load_instances
+    from d2ct.pseudolabel.quality import pseudo_label_quality
+    from d2ct.pseudolabel.run import ConsensusOptions
+
+    base, tag = Path(args.output), teacher_tag(args)
+    names = [r["name"] for r in radiologists(args)]
+    for variant in VARIANTS:
+        out = run_dir(base, variant, tag)
+        files = [out / "predict" / "val" / f"{n}_instances.json" for n in names]
+        stats = out / "pseudolabels" / "stats.json"
+        if all(f.exists() for f in files) and stats.exists():
+            break
+    else:
+        return []
+    cfg = load_pipeline_config(args.config, [f"output_dir={out}"])
+    _, val_names, truth_of = Pipeline(cfg).val_images()
+    weights = {r["name"]: r["weight"] for r in read_json(stats)["radiologists"]}
+    p = cfg["pseudolabel"]
+    rows = pseudo_label_quality({n: load_instances(f) for n, f in zip(names, files)}, weights, val_names,
+                                [truth_of(n) for n in val_names], QUALITY_THRESHOLDS, min_area=p["min_area"],
+                                consensus=ConsensusOptions(min_votes=p["min_votes"],
+                                                           single_model_score=p["single_model_score"]))
+    lines = ["## Pseudo-label quality on the validation split", "",
+             f"The pseudo-labelling rules applied to the radiologists' instances on the {len(val_names)} "
+             "validation slices, whose truth is known (`d2ct/pseudolabel/quality.py`; instances from "
+             f"`{out.name}`): slices kept (at least one structure), structures written, how many match a "
+             "real one at IoU 0.5 (precision; a lower bound, as the contours are partial) and how many real "
+             "structures of a kept slice they find (recall; the rest is taught as background). The "
+             "validation split also chose each radiologist's best checkpoint, so these are a little optimistic.",
+             "", "| rule | slices kept | structures per slice | truth per kept slice | precision@0.5 | recall@0.5 "
+             "| ARI (kept slices) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['rule']} | {r['kept']} of {r['slices']} | {r['per_slice']:.2f} | "
+                     f"{r['truth_per_slice']:.2f} | {_fmt(r['precision50'])} | {_fmt(r['recall50'])} | {_fmt(r['ARI'])} |")
+    return lines + [""]
+
+
 def chosen_thresholds(args) -> list[str]:
     """Where a run chose its score thresholds on the validation split (predict/thresholds.json):
     the validation ARI at every threshold tried, so the reader sees how sharp the choice was."""
@@ -430,7 +477,8 @@ def table(args) -> str:
     paired = paired_differences(args)
     for control, variants in CONTROLS.items():
         paired += paired_differences(args, (control, "final"), variants)
-    return "\n".join(head + lines + [""] + paired + chosen_thresholds(args) + pseudo_label_counts(args) + details)
+    return "\n".join(head + lines + [""] + paired + chosen_thresholds(args) + pseudo_label_counts(args)
+                     + pseudo_label_quality_section(args) + details)
 
 
 def _threshold(text: str) -> str:

@@ -215,3 +215,37 @@ def test_pool_predictions_are_cached_as_they_come_and_resume_after_a_kill(tmp_pa
     assert requested == []
     run.predict_pool(model, pool[:1], tmp_path, flip_tta=True)
     assert requested == [["0.png"]]
+
+
+def test_pseudo_label_quality_scores_each_rule_against_the_truth():
+    from pycocotools import mask as mask_util
+
+    from d2ct.errors import DataError
+    from d2ct.pseudolabel.quality import pseudo_label_quality
+
+    def rles(*masks):
+        return [mask_util.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+
+    real_1, real_2, fake = box_mask(32, 32, 2, 12, 2, 12), box_mask(32, 32, 18, 28, 18, 28), box_mask(32, 32, 20, 30, 2, 10)
+    truth = [np.where(real_1, 1, 0) + np.where(real_2, 7, 0), np.where(real_1, 3, 0)]
+    truth = [t.astype(np.uint8) for t in truth]
+    teachers = {  # a: one real structure for sure, one invented; b: both real ones, less sure
+        "a": {"s0": (rles(real_1, fake), np.array([0.95, 0.6])), "s1": (rles(real_1), np.array([0.4]))},
+        "b": {"s0": (rles(real_1, real_2), np.array([0.8, 0.85])), "s1": ([], np.zeros(0))},
+    }
+    rows = pseudo_label_quality(teachers, {"a": 0.6, "b": 0.4}, ["s0", "s1"], truth, [0.5, 0.9], min_area=5)
+    by_rule = {r["rule"]: r for r in rows}
+    assert list(by_rule) == ["a >= 0.5", "a >= 0.9", "b >= 0.5", "b >= 0.9", "consensus of 2 (2 agree, or one >= 0.9)"]
+    # s1 keeps nothing (a's only instance is below both thresholds): never counted as kept
+    a = by_rule["a >= 0.5"]
+    assert (a["slices"], a["kept"], a["structures"], a["truth_per_slice"]) == (2, 1, 2, 2.0)
+    assert (a["precision50"], a["recall50"]) == (0.5, 0.5)
+    assert (by_rule["a >= 0.9"]["precision50"], by_rule["a >= 0.9"]["recall50"]) == (1.0, 0.5)
+    assert (by_rule["b >= 0.5"]["precision50"], by_rule["b >= 0.5"]["recall50"]) == (1.0, 1.0)
+    assert by_rule["b >= 0.5"]["ARI"] == pytest.approx(1.0)
+    assert by_rule["b >= 0.9"]["kept"] == 0 and by_rule["b >= 0.9"]["precision50"] is None
+    # consensus: real_1 (both agree) stays; the invented one (a alone, 0.6) and real_2 (b alone, 0.85 < 0.9) go
+    c = by_rule["consensus of 2 (2 agree, or one >= 0.9)"]
+    assert (c["kept"], c["structures"], c["precision50"], c["recall50"]) == (1, 1, 1.0, 0.5)
+    with pytest.raises(DataError, match="no saved instances of b for 1 slice"):
+        pseudo_label_quality({"b": {"s0": teachers["b"]["s0"]}}, {"b": 1.0}, ["s0", "s1"], truth, [0.5])
