@@ -100,6 +100,10 @@ def test_score_threshold_chosen_on_validation_without_predicting_the_test_slices
         assert (out / "predict" / "val" / f"{name}_instances.json").exists()
     # the test slices' instances were reused: only the threshold changed
     assert (out / "predict" / "final_instances.json").stat().st_mtime == test_instances
+    # with the radiologists' validation instances, the report scores the pseudo-labelling rules on them
+    report = (out / "report" / "report.md").read_text()
+    assert "### How good they are, on the validation slices" in report
+    assert all(f"| {name} >= " in report for name in ("r50", "r101", "x101"))
     table = json.loads((out / "evaluate" / "table.json").read_text())
     assert {row["model"]: row.get("threshold") for row in table} == {
         "baseline": None, **{name: chosen["threshold"] for name, chosen in thresholds.items()}}

@@ -80,6 +80,37 @@ def _best_worst_overlays(pipeline, out: Path, n: int) -> str | None:
     return "best_worst.png"
 
 
+def _pseudo_label_quality(pipeline, stats: dict) -> list[str]:
+    """The round-1 pseudo-labelling rules scored on the validation slices (d2ct.pseudolabel.quality),
+    when the predict stage saved every radiologist's validation instances (predict.score_threshold val)."""
+    from d2ct.postprocess.submission import load_instances
+    from d2ct.pseudolabel.quality import pseudo_label_quality
+    from d2ct.pseudolabel.run import ConsensusOptions
+
+    teachers = {r["name"]: r["threshold"] for r in pipeline.cfg["radiologists"]}
+    files = {n: pipeline.out / "predict" / "val" / f"{n}_instances.json" for n in teachers}
+    weights = {r["name"]: r["weight"] for r in stats.get("radiologists", [])}
+    if not all(f.exists() for f in files.values()) or set(weights) != set(teachers):
+        return []
+    _, names, truth_of = pipeline.val_images()
+    p = pipeline.cfg["pseudolabel"]
+    rows = pseudo_label_quality({n: load_instances(f) for n, f in files.items()}, weights, names,
+                                [truth_of(n) for n in names], {n: [t] for n, t in teachers.items()},
+                                min_area=p["min_area"],
+                                consensus=ConsensusOptions(min_votes=p["min_votes"],
+                                                           single_model_score=p["single_model_score"]))
+    lines = ["### How good they are, on the validation slices", "",
+             f"The same rules applied to the radiologists' instances on the {len(names)} validation slices, whose "
+             "truth is known: slices kept, structures that match a real one at IoU 0.5 (precision; a lower "
+             "bound where contours are partial) and real structures found on a kept slice (recall; the rest "
+             "is taught as background).", "",
+             "| rule | slices kept | structures per slice | precision@0.5 | recall@0.5 |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['rule']} | {r['kept']} of {r['slices']} | {r['per_slice']:.2f} | "
+                     f"{_fmt(r['precision50'])} | {_fmt(r['recall50'])} |")
+    return lines + [""]
+
+
 def write_pipeline_report(pipeline) -> Path:
     out = pipeline.out / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +148,7 @@ def write_pipeline_report(pipeline) -> Path:
     if stats_path.exists():
         lines += ["## Pseudo-labels", "", (pipeline.pseudolabel_dir(1) / "report.md").read_text().split("\n", 2)[2]
                   .replace("](", f"](../{pipeline.pseudolabel_dir(1).name}/"), ""]
+        lines += _pseudo_label_quality(pipeline, read_json(stats_path))
     hist = pipeline.out / "evaluate" / "final" / "ari_hist.png"
     if hist.exists():
         shutil.copyfile(hist, out / "ari_hist_final.png")

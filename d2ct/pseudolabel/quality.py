@@ -60,11 +60,12 @@ def score_rule(label_maps: Sequence[np.ndarray], truth: Sequence[np.ndarray]) ->
 
 
 def pseudo_label_quality(teachers: Mapping[str, Instances], weights: Mapping[str, float], names: Sequence[str],
-                         truth: Sequence[np.ndarray], thresholds: Sequence[float], *, min_area: int = 5,
-                         consensus: ConsensusOptions | None = None) -> list[dict]:
+                         truth: Sequence[np.ndarray], thresholds: Sequence[float] | Mapping[str, Sequence[float]], *,
+                         min_area: int = 5, consensus: ConsensusOptions | None = None) -> list[dict]:
     """One row per rule: each teacher at each of ``thresholds`` (partition mode's rule for the
-    slices it labels) and, with two teachers or more, their consensus (``consensus`` options,
-    teachers weighted by ``weights``, e.g. their normalised validation mask AP)."""
+    slices it labels; a mapping gives each teacher its own) and, with two teachers or more, their
+    consensus (``consensus`` options, teachers weighted by ``weights``, e.g. their normalised
+    validation mask AP)."""
     if len(names) != len(truth) or not names:
         raise DataError(f"pseudo_label_quality: {len(names)} slice names and {len(truth)} label maps")
     missing = [(t, n) for t, inst in teachers.items() for n in names if n not in inst]
@@ -74,7 +75,7 @@ def pseudo_label_quality(teachers: Mapping[str, Instances], weights: Mapping[str
     masks = {t: {n: _masks(inst[n][0], shape) for n in names} for t, inst in teachers.items()}
     rows = []
     for teacher, inst in teachers.items():
-        for threshold in thresholds:
+        for threshold in (thresholds[teacher] if isinstance(thresholds, Mapping) else thresholds):
             maps = [annotations_to_label_map(resolve_overlaps(np.asarray(inst[n][1]), masks[teacher][n],
                                                               threshold=float(threshold), min_area=min_area), shape)
                     for n in names]
