@@ -389,7 +389,7 @@ class Pipeline:
         instances = out / f"{name}_instances.json"
         if instances.exists():
             saved, covered = instances_record(instances)
-            wanted = prediction_source(trained_weights(model_dir), pr["flip_tta"])
+            wanted = prediction_source(trained_weights(model_dir), pr["flip_tta"]) if saved else None
             if not set(names) <= covered:
                 logger.info("%s: %d slice(s) missing: predicting again", instances, len(set(names) - covered))
             elif saved is None:  # saved before d2ct recorded what instances were made with

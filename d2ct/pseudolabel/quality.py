@@ -43,18 +43,21 @@ def annotations_to_label_map(annotations: list[dict], shape: tuple[int, int]) ->
     return instances_to_label_map([a["segmentation"] for a in structures], shape=shape)
 
 
-def score_rule(label_maps: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> dict:
-    """Precision, recall (IoU 0.5, pooled over structures) and mean ARI of the slices a rule keeps
-    (those with at least one structure); ``kept`` counts them."""
+def _score_slice(truth: np.ndarray, label_map: np.ndarray) -> dict | None:
+    """A kept slice's scores against its truth; None for a slice the rule leaves out."""
     from d2ct.evaluation.report import score_image
 
-    kept = [(y, p) for y, p in zip(truth, label_maps) if p.any()]
-    scores = [score_image(y, p) for y, p in kept]
+    return score_image(truth, label_map) if label_map.any() else None
+
+
+def _summarise(per_slice: Sequence[dict | None]) -> dict:
+    scores = [s for s in per_slice if s is not None]
     n_pred = sum(s["n_pred"] for s in scores)
     n_true = sum(s["n_true"] for s in scores)
     tp = sum(s["tp50"] for s in scores)
-    return {"slices": len(label_maps), "kept": len(kept), "structures": int(n_pred),
-            "per_slice": n_pred / len(kept) if kept else 0.0, "truth_per_slice": n_true / len(kept) if kept else 0.0,
+    kept = len(scores)
+    return {"slices": len(per_slice), "kept": kept, "structures": int(n_pred),
+            "per_slice": n_pred / kept if kept else 0.0, "truth_per_slice": n_true / kept if kept else 0.0,
             "precision50": tp / n_pred if n_pred else None, "recall50": tp / n_true if n_true else None,
             "ARI": float(np.mean([s["ARI"] for s in scores])) if scores else None}
 
@@ -65,31 +68,34 @@ def pseudo_label_quality(teachers: Mapping[str, Instances], weights: Mapping[str
     """One row per rule: each teacher at each of ``thresholds`` (partition mode's rule for the
     slices it labels; a mapping gives each teacher its own) and, with two teachers or more, their
     consensus (``consensus`` options, teachers weighted by ``weights``, e.g. their normalised
-    validation mask AP)."""
+    validation mask AP). Slices are decoded and scored one at a time, so memory does not grow
+    with their number."""
     if len(names) != len(truth) or not names:
         raise DataError(f"pseudo_label_quality: {len(names)} slice names and {len(truth)} label maps")
     missing = [(t, n) for t, inst in teachers.items() for n in names if n not in inst]
     if missing:
         raise DataError(f"no saved instances of {missing[0][0]} for {len(missing)} slice(s), e.g. {missing[0][1]}")
-    shape = tuple(truth[0].shape)
-    masks = {t: {n: _masks(inst[n][0], shape) for n in names} for t, inst in teachers.items()}
-    rows = []
-    for teacher, inst in teachers.items():
-        for threshold in (thresholds[teacher] if isinstance(thresholds, Mapping) else thresholds):
-            maps = [annotations_to_label_map(resolve_overlaps(np.asarray(inst[n][1]), masks[teacher][n],
-                                                              threshold=float(threshold), min_area=min_area), shape)
-                    for n in names]
-            rows.append({"rule": f"{teacher} >= {threshold:g}", **score_rule(maps, truth)})
-    if len(teachers) >= 2:
-        c = consensus or ConsensusOptions()
-        w = [weights[t] for t in teachers]
-        maps = []
-        for n in names:
-            scores, fused = consensus_instances([(np.asarray(inst[n][1]), masks[t][n]) for t, inst in teachers.items()],
-                                                w, iou_threshold=c.iou_threshold, min_votes=c.min_votes,
-                                                single_model_score=c.single_model_score, min_score=c.min_score)
-            maps.append(annotations_to_label_map(resolve_overlaps(scores, fused, threshold=0.0, min_area=min_area),
-                                                 shape))
+    rules = [(t, float(th)) for t in teachers
+             for th in (thresholds[t] if isinstance(thresholds, Mapping) else thresholds)]
+    c = consensus or ConsensusOptions()
+    with_consensus = len(teachers) >= 2
+    per_rule: list[list[dict | None]] = [[] for _ in range(len(rules) + with_consensus)]
+    for name, y in zip(names, truth):
+        shape = tuple(y.shape)
+        masks = {t: _masks(inst[name][0], shape) for t, inst in teachers.items()}
+        scores = {t: np.asarray(inst[name][1]) for t, inst in teachers.items()}
+        for i, (t, th) in enumerate(rules):
+            anns = resolve_overlaps(scores[t], masks[t], threshold=th, min_area=min_area)
+            per_rule[i].append(_score_slice(y, annotations_to_label_map(anns, shape)))
+        if with_consensus:
+            fused_scores, fused = consensus_instances(
+                [(scores[t], masks[t]) for t in teachers], [weights[t] for t in teachers],
+                iou_threshold=c.iou_threshold, min_votes=c.min_votes, single_model_score=c.single_model_score,
+                min_score=c.min_score)
+            anns = resolve_overlaps(fused_scores, fused, threshold=0.0, min_area=min_area)
+            per_rule[-1].append(_score_slice(y, annotations_to_label_map(anns, shape)))
+    rows = [{"rule": f"{t} >= {th:g}", **_summarise(per_rule[i])} for i, (t, th) in enumerate(rules)]
+    if with_consensus:
         rows.append({"rule": f"consensus of {len(teachers)} ({c.min_votes} agree, or one >= {c.single_model_score:g})",
-                     **score_rule(maps, truth)})
+                     **_summarise(per_rule[-1])})
     return rows
