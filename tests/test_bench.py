@@ -331,6 +331,11 @@ def test_openkbp_table_has_paired_differences_against_the_control(tmp_path):
     section = openkbp_experiments.table(args).split("## Paired differences on the test slices: against long_labelled")[1]
     assert "| long_thr09 | final | -0.050 | [-0.050, -0.050] | 0 / 6 |" in section.split("##")[0]
     assert "| warmstart |" not in section.split("##")[0]
+    # and every final model against the best radiologist (no pseudo-label stats here: the first one)
+    section = openkbp_experiments.table(args).split("every final model against the r50 radiologist")[1].split("##")[0]
+    assert "(the best radiologist by validation mask AP)" in section
+    assert "| warmstart | final | +0.200 | [+0.200, +0.200] | 6 / 0 |" in section
+    assert "| long_thr09 | final | +0.250 |" in section and "| warmstart | r50 |" not in section
 
 
 def test_openkbp_table_counts_foreground_pixels_of_predictions_and_truth(tmp_path):
