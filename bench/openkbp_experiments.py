@@ -377,29 +377,22 @@ def pseudo_label_quality_section(args) -> list[str]:
     it is real and how much real structure it misses. Needs a run that chose its thresholds on
     validation (it holds predict/val/<radiologist>_instances.json)."""
     from d2ct.pipeline.config import load_pipeline_config
+    from d2ct.pipeline.report import pseudo_label_quality_rows
     from d2ct.pipeline.runner import Pipeline
-    from d2ct.postprocess.submission import load_instances
-    from d2ct.pseudolabel.quality import pseudo_label_quality
-    from d2ct.pseudolabel.run import ConsensusOptions
 
     base, tag = Path(args.output), teacher_tag(args)
-    names = [r["name"] for r in radiologists(args)]
     for variant in VARIANTS:
         out = run_dir(base, variant, tag)
-        files = [out / "predict" / "val" / f"{n}_instances.json" for n in names]
         stats = out / "pseudolabels" / "stats.json"
-        if all(f.exists() for f in files) and stats.exists():
+        if not stats.exists():
+            continue
+        cfg = load_pipeline_config(args.config, [f"output_dir={out}", "radiologists=" + json.dumps(radiologists(args))])
+        found = pseudo_label_quality_rows(Pipeline(cfg), read_json(stats), QUALITY_THRESHOLDS)
+        if found is not None:
             break
     else:
         return []
-    cfg = load_pipeline_config(args.config, [f"output_dir={out}"])
-    _, val_names, truth_of = Pipeline(cfg).val_images()
-    weights = {r["name"]: r["weight"] for r in read_json(stats)["radiologists"]}
-    p = cfg["pseudolabel"]
-    rows = pseudo_label_quality({n: load_instances(f) for n, f in zip(names, files)}, weights, val_names,
-                                [truth_of(n) for n in val_names], QUALITY_THRESHOLDS, min_area=p["min_area"],
-                                consensus=ConsensusOptions(min_votes=p["min_votes"],
-                                                           single_model_score=p["single_model_score"]))
+    val_names, rows = found
     lines = ["## Pseudo-label quality on the validation split", "",
              f"The pseudo-labelling rules applied to the radiologists' instances on the {len(val_names)} "
              "validation slices, whose truth is known (`d2ct/pseudolabel/quality.py`; instances from "

@@ -62,7 +62,7 @@ def test_predict_slices_to_submission_csv(tiny_model, tiny_phantom, tmp_path):
 
 
 def test_predict_instances_alone_record_what_made_them(tiny_model, tiny_phantom, tmp_path):
-    from d2ct.engine.predictor import prediction_source, same_source, trained_weights
+    from d2ct.engine.predictor import prediction_source, source_changes, trained_weights
     from d2ct.postprocess.submission import instances_record
 
     run_tool("predict.py", "--model", tiny_model, "--input", tiny_phantom, "--instances", tmp_path / "inst.json")
@@ -70,8 +70,8 @@ def test_predict_instances_alone_record_what_made_them(tiny_model, tiny_phantom,
     source, names = instances_record(tmp_path / "inst.json")
     assert names == {"0.png", "1.png", "2.png"}
     weights = trained_weights(tiny_model)
-    assert source["weights"] == str(weights.resolve()) and same_source(source, prediction_source(weights, False))
-    assert not same_source(source, prediction_source(weights, True))  # flip TTA makes other instances
+    assert source["weights"] == str(weights.resolve()) and source_changes(source, prediction_source(weights, False)) == []
+    assert source_changes(source, prediction_source(weights, True)) == ["flip_tta"]  # flip TTA makes other instances
     proc = run_tool("predict.py", "--model", tiny_model, "--input", tiny_phantom, check=False)
     assert proc.returncode == 2 and "--out is needed" in proc.stderr
 

@@ -157,18 +157,19 @@ def trained_weights(output_dir: str | os.PathLike, checkpoint: str | None = None
 def prediction_source(weights: str | os.PathLike, flip_tta: bool, opts: Sequence[str] = ()) -> dict:
     """What a set of predictions was made with: the checkpoint (by content, so a retrained model
     in the same file is told apart), flip TTA and the config overrides. Saved with the instances,
-    so whoever reuses them can tell when they are stale (:func:`same_source`)."""
+    so whoever reuses them can tell when they are stale (:func:`source_changes`)."""
     with open(weights, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     return {"weights": str(Path(weights).resolve()), "weights_sha256": digest, "flip_tta": bool(flip_tta),
             "opts": [str(o) for o in opts]}
 
 
-def same_source(saved: dict, wanted: dict) -> bool:
-    """Would predicting with ``wanted`` give the instances saved with ``saved``? (Where the
-    checkpoint lies does not matter, only its content.)"""
-    keys = ("weights_sha256", "flip_tta", "opts")
-    return all(saved.get(k) == wanted.get(k) for k in keys)
+def source_changes(saved: dict, wanted: dict) -> list[str]:
+    """What differs between the source of saved instances and the one predicting now would have:
+    a reason to predict again ("checkpoint", "flip_tta", "opts"; where the checkpoint lies does not
+    matter, only its content)."""
+    keys = {"weights_sha256": "checkpoint", "flip_tta": "flip_tta", "opts": "opts"}
+    return [what for k, what in keys.items() if saved.get(k) != wanted.get(k)]
 
 
 class BatchPredictor:

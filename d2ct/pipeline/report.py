@@ -80,25 +80,37 @@ def _best_worst_overlays(pipeline, out: Path, n: int) -> str | None:
     return "best_worst.png"
 
 
-def _pseudo_label_quality(pipeline, stats: dict) -> list[str]:
-    """The round-1 pseudo-labelling rules scored on the validation slices (d2ct.pseudolabel.quality),
-    when the predict stage saved every radiologist's validation instances (predict.score_threshold val)."""
+def pseudo_label_quality_rows(pipeline, stats: dict, thresholds=None) -> tuple[list[str], list[dict]] | None:
+    """(validation slice names, rows of d2ct.pseudolabel.quality.pseudo_label_quality): the round-1
+    pseudo-labelling rules applied to the radiologists' instances on the validation slices, each
+    radiologist at every threshold of ``thresholds`` (default: its own) and their consensus with the
+    run's settings. None unless the predict stage saved every radiologist's validation instances
+    (predict.score_threshold val) and ``stats`` (pseudolabels/stats.json) weighs all of them."""
     from d2ct.postprocess.submission import load_instances
     from d2ct.pseudolabel.quality import pseudo_label_quality
     from d2ct.pseudolabel.run import ConsensusOptions
 
-    teachers = {r["name"]: r["threshold"] for r in pipeline.cfg["radiologists"]}
-    files = {n: pipeline.out / "predict" / "val" / f"{n}_instances.json" for n in teachers}
+    own = {r["name"]: [r["threshold"]] for r in pipeline.cfg["radiologists"]}
+    files = {n: pipeline.out / "predict" / "val" / f"{n}_instances.json" for n in own}
     weights = {r["name"]: r["weight"] for r in stats.get("radiologists", [])}
-    if not all(f.exists() for f in files.values()) or set(weights) != set(teachers):
-        return []
+    if not all(f.exists() for f in files.values()) or set(weights) != set(own):
+        return None
     _, names, truth_of = pipeline.val_images()
     p = pipeline.cfg["pseudolabel"]
     rows = pseudo_label_quality({n: load_instances(f) for n, f in files.items()}, weights, names,
-                                [truth_of(n) for n in names], {n: [t] for n, t in teachers.items()},
+                                [truth_of(n) for n in names], own if thresholds is None else thresholds,
                                 min_area=p["min_area"],
                                 consensus=ConsensusOptions(min_votes=p["min_votes"],
                                                            single_model_score=p["single_model_score"]))
+    return list(names), rows
+
+
+def _pseudo_label_quality(pipeline, stats: dict) -> list[str]:
+    """The report's section on :func:`pseudo_label_quality_rows`, when there are rows."""
+    found = pseudo_label_quality_rows(pipeline, stats)
+    if found is None:
+        return []
+    names, rows = found
     lines = ["### How good they are, on the validation slices", "",
              f"The same rules applied to the radiologists' instances on the {len(names)} validation slices, whose "
              "truth is known: slices kept, structures that match a real one at IoU 0.5 (precision; a lower "

@@ -382,26 +382,24 @@ class Pipeline:
         """Every scored instance of one model on ``names``. Label maps are flattened from them, so a
         new threshold needs no model. Saved instances are reused when they cover ``names`` and were
         made with this checkpoint (by content) and flip TTA setting; otherwise predicted again."""
-        from d2ct.engine.predictor import prediction_source, same_source, trained_weights
+        from d2ct.engine.predictor import prediction_source, source_changes, trained_weights
         from d2ct.postprocess.submission import instances_record
 
         pr = self.cfg["predict"]
         instances = out / f"{name}_instances.json"
         if instances.exists():
             saved, covered = instances_record(instances)
-            wanted = prediction_source(trained_weights(model_dir), pr["flip_tta"]) if saved else None
             if not set(names) <= covered:
                 logger.info("%s: %d slice(s) missing: predicting again", instances, len(set(names) - covered))
             elif saved is None:  # saved before d2ct recorded what instances were made with
                 logger.info("%s: reused as saved (no record of its checkpoint; --from predict predicts again)",
                             instances)
                 return instances
-            elif same_source(saved, wanted):
-                return instances
             else:
-                changed = [k for k in ("weights_sha256", "flip_tta", "opts") if saved.get(k) != wanted.get(k)]
-                logger.info("%s: made with another %s: predicting again", instances,
-                            " and ".join({"weights_sha256": "checkpoint"}.get(k, k) for k in changed))
+                changed = source_changes(saved, prediction_source(trained_weights(model_dir), pr["flip_tta"]))
+                if not changed:
+                    return instances
+                logger.info("%s: made with another %s: predicting again", instances, " and ".join(changed))
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "images.txt", "\n".join(names) + "\n")
         args = ["--model", model_dir, "--input", folder, "--list", out / "images.txt", "--instances", instances,

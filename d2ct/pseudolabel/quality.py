@@ -12,12 +12,11 @@ lower bound: a real but uncontoured organ counts as invented.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_util
 
+from d2ct.engine.predictor import InstancePrediction
 from d2ct.errors import DataError
 from d2ct.postprocess.flatten import instances_to_label_map
 
@@ -26,14 +25,6 @@ from .run import ConsensusOptions, _structures, resolve_overlaps
 
 # name -> (RLEs, scores) of one model, as d2ct.postprocess.submission.load_instances reads them
 Instances = Mapping[str, tuple[list[dict], np.ndarray]]
-
-
-def _masks(rles: list[dict], shape: tuple[int, int]) -> np.ndarray:
-    if not rles:
-        return np.zeros((0, *shape), bool)
-    with warnings.catch_warnings():  # pycocotools' Cython __array__ predates numpy 2's copy keyword
-        warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
-        return np.moveaxis(mask_util.decode(rles), -1, 0).astype(bool)
 
 
 def annotations_to_label_map(annotations: list[dict], shape: tuple[int, int]) -> np.ndarray:
@@ -82,7 +73,7 @@ def pseudo_label_quality(teachers: Mapping[str, Instances], weights: Mapping[str
     per_rule: list[list[dict | None]] = [[] for _ in range(len(rules) + with_consensus)]
     for name, y in zip(names, truth):
         shape = tuple(y.shape)
-        masks = {t: _masks(inst[name][0], shape) for t, inst in teachers.items()}
+        masks = {t: InstancePrediction(name, *shape, rles=inst[name][0]).masks() for t, inst in teachers.items()}
         scores = {t: np.asarray(inst[name][1]) for t, inst in teachers.items()}
         for i, (t, th) in enumerate(rules):
             anns = resolve_overlaps(scores[t], masks[t], threshold=th, min_area=min_area)
