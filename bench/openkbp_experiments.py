@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT))
 from d2ct.utils.fileio import atomic_write_text, read_json  # noqa: E402
 
 SOURCE = Path("/work/shared/data/openkbp_fewshot")
+STRONG_TEACHER = "r50_2400"  # the R50 radiologist's 1,200 iterations and long_labelled's 1,200
+# "@<variant>" in a setting stands for that variant's run folder
 VARIANTS = {
     "main": [],
     "consensus": ["pseudolabel.mode=consensus"],
@@ -88,7 +90,18 @@ VARIANTS = {
     # the same recipe land apart, the yardstick for every difference between variants above
     "long_labelled_seed7": ["final.config=configs/cpu/final_warmstart_long.yaml", "final.init=best",
                             "final.pseudo_labels=false", "final.opts=[SEED, 7]"],
+    # a stronger teacher: long_labelled's final model (the R50 radiologist trained 1,200 more
+    # iterations on the labelled slices; better pseudo-labels on the validation slices than any
+    # radiologist) is the only radiologist, at threshold 0.8 (its validation-chosen one). The student
+    # starts from it and trains 600 iterations; its control does the same on the labelled slices alone.
+    "strong_teacher": [f"radiologists=[{{name: {STRONG_TEACHER}, dir: @long_labelled/final, threshold: 0.8}}]",
+                       "final.config=configs/cpu/final_warmstart.yaml", "final.init=best"],
+    "strong_teacher_labelled": [f"radiologists=[{{name: {STRONG_TEACHER}, dir: @long_labelled/final, threshold: 0.8}}]",
+                                "final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                                "final.pseudo_labels=false"],
 }
+# variants whose teachers are their own (a radiologists= setting): not the config's radiologists'
+OWN_TEACHERS = ("strong_teacher", "strong_teacher_labelled")
 # two-round variants: their first round is this variant's, copied when it has finished
 ROUND1_OF = {"rounds2": "main", "warmstart_rounds2": "warmstart"}
 # groups of variants whose round-1 pseudo-labels are the same (same models, thresholds, mode and
@@ -96,7 +109,8 @@ ROUND1_OF = {"rounds2": "main", "warmstart_rounds2": "warmstart"}
 SAME_PSEUDOLABELS = (("main", "warmstart", "warmstart_labelled", "warmstart_repeat3", "long_labelled",
                       "long_labelled_seed7"),
                      ("warmstart_thr09", "warmstart_thr09_repeat3", "long_thr09"),
-                     ("consensus", "warmstart_consensus", "long_consensus"))
+                     ("consensus", "warmstart_consensus", "long_consensus"),
+                     ("strong_teacher", "strong_teacher_labelled"))
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
            ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50"), ("Precision50", "precision@0.5"),
            ("n_pred", "instances"), ("fg_px", "foreground px / slice"), ("threshold", "score threshold")]
@@ -169,7 +183,8 @@ def _copy_pool_predictions(base: Path, out: Path, tag: str) -> None:
         shutil.copyfile(cache, out / "pseudolabels" / "cache" / name)
 
 
-def run_variant(args, variant: str) -> None:
+def pipeline_sets(args, variant: str) -> list[str]:
+    """The run_pipeline.py --set items of one variant's run."""
     base = Path(args.output)
     tag = teacher_tag(args)
     out = run_dir(base, variant, tag)
@@ -178,6 +193,8 @@ def run_variant(args, variant: str) -> None:
     if tag:  # first: the variant's per-radiologist settings below apply to this subset
         sets.append("radiologists=" + json.dumps(teachers))
     for item in VARIANTS[variant]:  # radiologists.*.KEY=V: the same setting for every teacher
+        for other in VARIANTS:  # "@long_labelled/final": that run's final model
+            item = item.replace(f"@{other}/", f"{run_dir(base, other, tag)}/")
         if item.startswith("radiologists.*."):
             sets += [item.replace("*", str(i), 1) for i in range(len(teachers))]
         else:
@@ -186,6 +203,14 @@ def run_variant(args, variant: str) -> None:
         sets.append(f"predict.score_threshold={args.predict_threshold}")
     if out != base:  # the main run's radiologists, trained once
         sets.append(f"radiologists_dir={base / 'radiologists'}")
+    return sets
+
+
+def run_variant(args, variant: str) -> None:
+    base = Path(args.output)
+    tag = teacher_tag(args)
+    out = run_dir(base, variant, tag)
+    sets = pipeline_sets(args, variant)
     round1 = run_dir(base, ROUND1_OF[variant], tag) if variant in ROUND1_OF else None
     if round1 is not None and (round1 / "final" / "model_final.pth").exists():
         for folder in ("pseudolabels", "final"):  # round 1 has run already: copy it, do not redo it
@@ -202,9 +227,10 @@ def run_variant(args, variant: str) -> None:
                 shutil.rmtree(out / "pseudolabels", ignore_errors=True)  # a partial one of a killed run
                 shutil.copytree(done, out / "pseudolabels")
                 break
-    if not (out / "pseudolabels").exists():
-        _copy_pool_predictions(base, out, tag)
-    _copy_radiologist_predictions(args, base, out, tag)
+    if variant not in OWN_TEACHERS:  # the config's radiologists: their predictions are made already
+        if not (out / "pseudolabels").exists():
+            _copy_pool_predictions(base, out, tag)
+        _copy_radiologist_predictions(args, base, out, tag)
     cmd = [sys.executable, str(ROOT / "tools/run_pipeline.py"), "--config", args.config, "--set", *sets]
     print(f"[openkbp] {variant}: $ {' '.join(cmd)}", flush=True)
     start = time.time()
@@ -282,7 +308,8 @@ def patient_bootstrap(diff, patients, n: int = 10000, seed: int = 0) -> tuple[fl
 
 # the labelled-only control of each schedule: a pseudo-labelled run is compared with the control
 # that had the same start and number of iterations
-CONTROLS = {"long_labelled": ("long_thr09", "long_consensus", "long_labelled_seed7")}
+CONTROLS = {"long_labelled": ("long_thr09", "long_consensus", "long_labelled_seed7"),
+            "strong_teacher_labelled": ("strong_teacher",)}
 
 
 def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled", "final"),
@@ -368,7 +395,7 @@ def pseudo_label_counts(args) -> list[str]:
             "|---|---|---|---|---|---|---|", *rows, ""]
 
 
-QUALITY_THRESHOLDS = (0.5, 0.7, 0.9, 0.95)
+QUALITY_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 def pseudo_label_quality_section(args) -> list[str]:
@@ -381,22 +408,27 @@ def pseudo_label_quality_section(args) -> list[str]:
     from d2ct.pipeline.runner import Pipeline
 
     base, tag = Path(args.output), teacher_tag(args)
-    for variant in VARIANTS:
+    rows, sources, val_names = [], [], []
+    for variant in VARIANTS:  # every set of teachers once (the config's radiologists; a variant's own)
         out = run_dir(base, variant, tag)
         stats = out / "pseudolabels" / "stats.json"
         if not stats.exists():
             continue
-        cfg = load_pipeline_config(args.config, [f"output_dir={out}", "radiologists=" + json.dumps(radiologists(args))])
+        cfg = load_pipeline_config(args.config, pipeline_sets(args, variant))
         found = pseudo_label_quality_rows(Pipeline(cfg), read_json(stats), QUALITY_THRESHOLDS)
-        if found is not None:
-            break
-    else:
+        if found is None:
+            continue
+        new = [r for r in found[1] if r["rule"] not in {seen["rule"] for seen in rows}]
+        if new:
+            rows += new
+            sources.append(f"`{out.name}`")
+            val_names = found[0]
+    if not rows:
         return []
-    val_names, rows = found
     lines = ["## Pseudo-label quality on the validation split", "",
              f"The pseudo-labelling rules applied to the radiologists' instances on the {len(val_names)} "
              "validation slices, whose truth is known (`d2ct/pseudolabel/quality.py`; instances from "
-             f"`{out.name}`): slices kept (at least one structure), structures written, how many match a "
+             f"{', '.join(sources)}): slices kept (at least one structure), structures written, how many match a "
              "real one at IoU 0.5 (precision; a lower bound, as the contours are partial) and how many real "
              "structures of a kept slice they find (recall; the rest is taught as background). The "
              "validation split also chose each radiologist's best checkpoint, so these are a little optimistic.",

@@ -279,6 +279,10 @@ def test_every_openkbp_variant_is_a_valid_pipeline_config(tmp_path, calls):
     # a typo in a variant's settings or config path would only surface after an hour of training
     from d2ct.pipeline.config import load_pipeline_config
 
+    teacher = tmp_path / "cpu_pipeline_r50+r101_long_labelled" / "final"  # the strong teacher, trained
+    teacher.mkdir(parents=True)
+    (teacher / "config.yaml").write_text("MODEL: {}\n")
+    (teacher / "model_final.pth").write_bytes(b"weights")
     for variant in openkbp_experiments.VARIANTS:
         args = SimpleNamespace(output=str(tmp_path / "cpu_pipeline"), config="configs/cpu/pipeline_openkbp.yaml",
                                radiologists=["r50", "r101"], predict_threshold="val")
@@ -286,7 +290,11 @@ def test_every_openkbp_variant_is_a_valid_pipeline_config(tmp_path, calls):
         sets = calls[-1][calls[-1].index("--set") + 1:]
         cfg = load_pipeline_config(str(openkbp_experiments.ROOT / args.config), sets)
         assert (openkbp_experiments.ROOT / cfg["final"]["config"]).is_file(), variant
-        assert [r["name"] for r in cfg["radiologists"]] == ["r50", "r101"], variant
+        if variant in openkbp_experiments.OWN_TEACHERS:  # "@long_labelled/final" names that run's model
+            assert [(r["name"], r["dir"]) for r in cfg["radiologists"]] == [
+                (openkbp_experiments.STRONG_TEACHER, str(teacher))], variant
+        else:
+            assert [r["name"] for r in cfg["radiologists"]] == ["r50", "r101"], variant
         assert cfg["predict"]["score_threshold"] == "val", variant
     with pytest.raises(SystemExit) as exc:
         openkbp_experiments.main(["--predict-threshold", "1.5", "--table-only"])

@@ -312,3 +312,38 @@ def test_ignore_below_reaches_the_pseudolabel_tool_and_is_checked(tmp_path, monk
             load_pipeline_config("configs/demo/pipeline.yaml", [bad])
     with pytest.raises(ConfigError, match="needs pseudolabel.mode partition"):
         load_pipeline_config("configs/demo/pipeline.yaml", ["pseudolabel.ignore_below=0.1", "pseudolabel.mode=consensus"])
+
+
+def test_radiologist_trained_before_teaches_as_it_is(pipeline_run, tmp_path):
+    """radiologists: [{name, dir}]: a finished training from elsewhere (here the first run's final
+    model) labels the pool without being trained again, and no later --from removes it."""
+    from d2ct.pipeline.runner import Pipeline
+
+    out, _, _, _ = pipeline_run
+    teacher = out / "final"
+    before = {p.name: p.stat().st_mtime_ns for p in teacher.iterdir()}
+    run = tmp_path / "run"
+    sets = [f"output_dir={run}", f"data.root={out}/data/phantom", *TINY_PIPELINE[:1], *TINY_PIPELINE[4:],
+            f"radiologists=[{{name: teacher, dir: {teacher}, threshold: 0.0}}]", "final.init=best"]
+    proc = run_tool("run_pipeline.py", "--config", "configs/demo/pipeline.yaml", "--until", "pseudolabel",
+                    "--set", *sets, timeout=600)
+    assert "radiologist teacher: trained before" in proc.stdout + proc.stderr
+    stats = json.loads((run / "pseudolabels" / "stats.json").read_text())
+    assert [(r["name"], r["assigned"]) for r in stats["radiologists"]] == [("teacher", stats["pool_images"])]
+    assert not (run / "radiologists").exists()
+    pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", sets))
+    assert pipe.radiologist_dirs() == [teacher]
+    assert pipe.final_init_weights(1) == str(teacher / "model_best.pth")  # the student starts where it stopped
+    pipe.reset_from("radiologists")
+    assert {p.name: p.stat().st_mtime_ns for p in teacher.iterdir()} == before
+
+    for entry, message in (
+            (f"{{dir: {teacher}}}", r"radiologists\[0\] with a 'dir' needs a 'name'"),
+            (f"{{name: t, dir: {tmp_path}}}", f"radiologists\\[0\\].dir {tmp_path} has no config.yaml"),
+            (f"{{name: t, dir: {tmp_path / 'nowhere'}}}", "does not exist"),
+            (f"{{name: t, dir: {teacher}, config: configs/demo/radiologist_r50.yaml}}", "not both"),
+            (f"{{name: t, dir: {teacher}, opts: [SOLVER.MAX_ITER, 5]}}", "a radiologist given by 'dir' is not trained"),
+            (f"{{name: final, dir: {teacher}}}", "the name 'final' is the pipeline's own"),
+            ("{config: configs/demo/radiologist_r50.yaml, treshold: 0.5}", r"unknown key\(s\) treshold")):
+        with pytest.raises(ConfigError, match=message):
+            load_pipeline_config("configs/demo/pipeline.yaml", [f"radiologists=[{entry}]"])

@@ -114,6 +114,13 @@ def test_pseudolabel_tool_end_to_end(tiny_model, tiny_phantom, tmp_path):
     strict = run_tool("pseudolabel.py", "--models", tiny_model, "--aps", "30", "--thresholds", "1.0",
                       "--data", tiny_phantom, "--out", tmp_path / "strict")
     assert "0 of 8 pool images" in strict.stdout
+    # one folder under two names: two radiologists, each with its own cache and weight
+    named = run_tool("pseudolabel.py", *args, "--names", "first", "second", "--out", tmp_path / "named")
+    stats = json.loads((tmp_path / "named" / "stats.json").read_text())
+    assert [r["name"] for r in stats["radiologists"]] == ["first", "second"], named.stdout
+    assert (tmp_path / "named" / "cache" / "first.json").exists()
+    with pytest.raises(AssertionError, match="--names: give 2 names"):
+        run_tool("pseudolabel.py", *args, "--names", "first")
 
 
 def test_pseudolabel_tool_writes_uncertain_instances_as_ignore_regions(tiny_model, tiny_phantom, tmp_path):

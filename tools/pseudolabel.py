@@ -12,6 +12,7 @@ Examples:
 """
 import argparse
 import sys
+from pathlib import Path
 
 from detectron2.utils.logger import setup_logger
 
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="\n\n".join(doc[:2]), epilog=doc[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="DIR", help="radiologist training output folders")
+    p.add_argument("--names", nargs="+", metavar="NAME",
+                   help="one name per model, used in stats.json and cache/<name>.json (default: each folder's name)")
     p.add_argument("--aps", nargs="+", type=float, metavar="AP",
                    help="validation mask APs, one per model (default: read from each model_best.json)")
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.7], metavar="T",
@@ -64,8 +67,11 @@ def build_radiologists(args) -> list[Radiologist]:
         raise ConfigError(f"--thresholds: give one value or {n} (one per model), got {len(args.thresholds)}")
     if args.aps is not None and len(args.aps) != n:
         raise ConfigError(f"--aps: give {n} values (one per model), got {len(args.aps)}")
-    return [Radiologist.from_output_dir(d, threshold=t, ap=None if args.aps is None else args.aps[i])
-            for i, (d, t) in enumerate(zip(args.models, thresholds))]
+    if args.names is not None and len(args.names) != n:
+        raise ConfigError(f"--names: give {n} names (one per model), got {len(args.names)}")
+    names = args.names or [Path(d).name for d in args.models]
+    return [Radiologist.from_output_dir(d, threshold=t, ap=None if args.aps is None else args.aps[i], name=name)
+            for i, (d, t, name) in enumerate(zip(args.models, thresholds, names))]
 
 
 def main(args):

@@ -29,6 +29,9 @@ DEFAULTS: dict[str, Any] = {
         "eval_split": "auto",  # test (needs test labels), val, or auto: test when labelled, else val
     },
     "baseline": {"enabled": True, "preset": "clahe_tv", "workers": 2},
+    # each {name, config, threshold, opts}; or {name, dir, threshold}: a model trained before (by
+    # tools/train_net.py or another run: a folder with config.yaml and model_final.pth) used as a
+    # teacher as it is, never trained or removed by this run
     "radiologists": [],
     # Where the radiologists are trained (default <output_dir>/radiologists). Point it at another
     # run's folder to compare pseudo-labelling variants on the same trained radiologists: models
@@ -66,7 +69,9 @@ DEFAULTS: dict[str, Any] = {
     "opts": [],  # KEY VALUE overrides applied to every training config (before each model's own opts)
 }
 
-RADIOLOGIST_KEYS = ("name", "config", "threshold", "opts")
+RADIOLOGIST_KEYS = ("name", "config", "dir", "threshold", "opts")
+# model names the pipeline gives its own models (final, final_r2, ...) and the baseline
+RESERVED_NAMES = ("baseline", "final")
 STAGES = ("data", "baseline", "radiologists", "pseudolabel", "final", "predict", "evaluate", "report")
 
 
@@ -137,6 +142,23 @@ def _is_score(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
+def _check_trained_dir(r: dict, i: int, source: str) -> None:
+    """A radiologist given as a folder: it must hold a finished training and be named explicitly
+    (its folder is often just ``final``); its config is the one it was trained with."""
+    where = f"{source}: radiologists[{i}].dir {r['dir']}"
+    if "name" not in r:
+        raise ConfigError(f"{source}: radiologists[{i}] with a 'dir' needs a 'name'")
+    if r.get("opts"):
+        raise ConfigError(f"{source}: radiologists[{i}]: 'opts' apply to training; a radiologist given by "
+                          "'dir' is not trained")
+    folder = Path(r["dir"])
+    if not folder.is_dir():
+        raise ConfigError(f"{where} does not exist")
+    for needed in ("config.yaml", "model_final.pth"):
+        if not (folder / needed).exists():
+            raise ConfigError(f"{where} has no {needed}: give the output folder of a finished training")
+
+
 def validate(cfg: dict, source: str) -> None:
     data = cfg["data"]
     if not data.get("root"):
@@ -148,9 +170,19 @@ def validate(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: radiologists: give at least one {{name, config, threshold}}")
     names = set()
     for i, r in enumerate(rads):
-        if not isinstance(r, dict) or "config" not in r:
-            raise ConfigError(f"{source}: radiologists[{i}] needs a 'config'")
-        r.setdefault("name", Path(r["config"]).stem.replace("radiologist_", ""))
+        if not isinstance(r, dict) or ("config" in r) == ("dir" in r):
+            raise ConfigError(f"{source}: radiologists[{i}] needs a 'config' (a model to train) or a 'dir' "
+                              "(a model trained before), not both")
+        unknown = sorted(set(r) - set(RADIOLOGIST_KEYS))
+        if unknown:
+            raise ConfigError(f"{source}: radiologists[{i}]: unknown key(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(RADIOLOGIST_KEYS)})")
+        if "dir" in r:
+            _check_trained_dir(r, i, source)
+        r.setdefault("name", Path(r.get("config", "")).stem.replace("radiologist_", ""))
+        if r["name"] in RESERVED_NAMES or str(r["name"]).startswith("final_r"):
+            raise ConfigError(f"{source}: radiologists[{i}]: the name {r['name']!r} is the pipeline's own "
+                              "(baseline, final, final_r<k>); choose another")
         r.setdefault("threshold", 0.7)
         r.setdefault("opts", [])
         if not isinstance(r["opts"], list) or len(r["opts"]) % 2:
@@ -158,7 +190,7 @@ def validate(cfg: dict, source: str) -> None:
         if r["name"] in names:
             raise ConfigError(f"{source}: two radiologists are named {r['name']!r}")
         names.add(r["name"])
-        if not Path(r["config"]).exists():
+        if "config" in r and not Path(r["config"]).exists():
             raise ConfigError(f"{source}: radiologists[{i}].config {r['config']} does not exist")
     if not cfg["final"].get("config") or not Path(cfg["final"]["config"]).exists():
         raise ConfigError(f"{source}: final.config {cfg['final'].get('config')!r} does not exist")

@@ -237,12 +237,16 @@ class Pipeline:
         return Path(self.cfg.get("radiologists_dir") or self.out / "radiologists")
 
     def radiologist_dirs(self) -> list[Path]:
-        return [self.radiologists_root() / r["name"] for r in self.cfg["radiologists"]]
+        return [Path(r["dir"]) if r.get("dir") else self.radiologists_root() / r["name"]
+                for r in self.cfg["radiologists"]]
 
     def stage_radiologists(self) -> dict:
         outputs = {}
         for r, out in zip(self.cfg["radiologists"], self.radiologist_dirs()):
-            self.train(r["config"], out, [f"{self.name}_train"], model_opts=r["opts"])
+            if r.get("dir"):  # trained before, elsewhere: a teacher as it is
+                logger.info("radiologist %s: trained before (%s): used as it is", r["name"], out)
+            else:
+                self.train(r["config"], out, [f"{self.name}_train"], model_opts=r["opts"])
             outputs[r["name"]] = str(out)
         return outputs
 
@@ -262,13 +266,15 @@ class Pipeline:
             return out
         if round_ == 1:
             models = [str(d) for d in self.radiologist_dirs()]
+            names = [r["name"] for r in self.cfg["radiologists"]]
             thresholds = [r["threshold"] for r in self.cfg["radiologists"]]
             mode = p["mode"]
         else:
             models = [str(self.final_dir(round_ - 1))]
+            names = [self.final_dir(round_ - 1).name]
             thresholds = [self.cfg["final"]["threshold"]]
             mode = "partition"  # one teacher: it labels the whole pool
-        args = ["--models", *models, "--thresholds", *thresholds, "--mode", mode, "--data", self.data_root,
+        args = ["--models", *models, "--names", *names, "--thresholds", *thresholds, "--mode", mode, "--data", self.data_root,
                 "--out", out, "--min-area", p["min_area"], "--seed", p["seed"], "--batch-size", p["batch_size"],
                 "--num-gpus", self.cfg["num_gpus"], "--min-votes", p["min_votes"],
                 "--single-model-score", p["single_model_score"]]

@@ -189,7 +189,8 @@ def pseudo_label_pool(
                               f"threshold (lowest {lowest})")
     model_names = [r.name for r in radiologists]
     if len(set(model_names)) != len(model_names):
-        raise ConfigError(f"two radiologists share a name ({model_names}): give distinct output folders")
+        raise ConfigError(f"two radiologists share a name ({model_names}): give distinct output folders or "
+                          "names (pseudolabel.py --names)")
     names = [n for n, _, _ in pool]
     if len(set(names)) != len(names):
         raise ConfigError("the pool lists an image twice")
