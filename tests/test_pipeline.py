@@ -136,7 +136,10 @@ def test_saved_instances_are_predicted_again_only_when_stale(pipeline_run):
     r101 = json.loads((pred / "r101_instances.json").read_text())
     del r101["source"]
     (pred / "r101_instances.json").write_text(json.dumps(r101))
-    kept = {n: (pred / f"{n}_instances.json").stat().st_mtime_ns for n in ("r101", "x101", "final")}
+    # x101's cut short (damaged by something else): kept aside and predicted again
+    damaged = (pred / "x101_instances.json").read_text()[:100]
+    (pred / "x101_instances.json").write_text(damaged)
+    kept = {n: (pred / f"{n}_instances.json").stat().st_mtime_ns for n in ("r101", "final")}
     evaluated = (out / "evaluate" / "table.json").stat().st_mtime_ns
     # a run killed during the predict stage resumes there
     (out / "stages" / "predict.json").unlink()
@@ -144,6 +147,9 @@ def test_saved_instances_are_predicted_again_only_when_stale(pipeline_run):
     log = proc.stdout + proc.stderr
     assert "r50_instances.json: made with another checkpoint: predicting again" in log
     assert "r101_instances.json: reused as saved" in log
+    assert "x101_instances.json: not valid JSON" in log and "x101_instances.json.unreadable: predicting again" in log
+    assert (pred / "x101_instances.json.unreadable").read_text() == damaged
+    assert json.loads((pred / "x101_instances.json").read_text())["source"]["flip_tta"] is False
     assert json.loads((pred / "r50_instances.json").read_text())["source"]["weights_sha256"] != "0" * 64
     assert {n: (pred / f"{n}_instances.json").stat().st_mtime_ns for n in kept} == kept
     # the stages after one that ran run too, even where their settings did not change

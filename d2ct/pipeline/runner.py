@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from d2ct.errors import D2CTError
+from d2ct.errors import D2CTError, DataError
 from d2ct.utils.fileio import atomic_write_json, atomic_write_text, read_json
 
 from .config import STAGES
@@ -394,7 +394,13 @@ class Pipeline:
         pr = self.cfg["predict"]
         instances = out / f"{name}_instances.json"
         if instances.exists():
-            saved, covered = instances_record(instances)
+            try:
+                saved, covered = instances_record(instances)
+            except DataError as e:  # damaged outside d2ct (its writes are atomic): keep it aside, predict again
+                aside = instances.with_name(instances.name + ".unreadable")
+                instances.replace(aside)
+                logger.warning("%s; moved to %s: predicting again", e, aside)
+                saved, covered = None, set()
             if not set(names) <= covered:
                 logger.info("%s: %d slice(s) missing: predicting again", instances, len(set(names) - covered))
             elif saved is None:  # saved before d2ct recorded what instances were made with
