@@ -92,7 +92,8 @@ VARIANTS = {
                             "final.pseudo_labels=false", "final.opts=[SEED, 7]"],
     # a stronger teacher: long_labelled's final model (the R50 radiologist trained 1,200 more
     # iterations on the labelled slices; better pseudo-labels on the validation slices than any
-    # radiologist) is the only radiologist, at threshold 0.8 (its validation-chosen one). The student
+    # radiologist) is the only radiologist, at threshold 0.8 (precision 0.75 / recall 0.67 on the
+    # validation slices: the pseudo-label quality section). The student
     # starts from it and trains 600 iterations; its control does the same on the labelled slices alone.
     "strong_teacher": [f"radiologists=[{{name: {STRONG_TEACHER}, dir: @long_labelled/final, threshold: 0.8}}]",
                        "final.config=configs/cpu/final_warmstart.yaml", "final.init=best"],
@@ -310,6 +311,8 @@ def patient_bootstrap(diff, patients, n: int = 10000, seed: int = 0) -> tuple[fl
 # that had the same start and number of iterations
 CONTROLS = {"long_labelled": ("long_thr09", "long_consensus", "long_labelled_seed7"),
             "strong_teacher_labelled": ("strong_teacher",)}
+# runs taught by another run's final model (a radiologist given by its folder): compared with that teacher
+TAUGHT_BY = {"long_labelled": ("strong_teacher", "strong_teacher_labelled")}
 
 
 def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled", "final"),
@@ -523,6 +526,9 @@ def table(args) -> str:
     paired = paired_differences(args)
     for control, variants in CONTROLS.items():
         paired += paired_differences(args, (control, "final"), variants)
+    for teacher, variants in TAUGHT_BY.items():
+        paired += paired_differences(args, (teacher, "final"), variants, what="their teacher",
+                                     heading=f"## Paired differences on the test slices: against their teacher, {teacher} final")
     paired += against_best_radiologist(args)
     return "\n".join(head + lines + [""] + paired + chosen_thresholds(args) + pseudo_label_counts(args)
                      + pseudo_label_quality_section(args) + details)
