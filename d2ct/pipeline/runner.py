@@ -274,7 +274,8 @@ class Pipeline:
             names = [self.final_dir(round_ - 1).name]
             thresholds = [self.cfg["final"]["threshold"]]
             mode = "partition"  # one teacher: it labels the whole pool
-        args = ["--models", *models, "--names", *names, "--thresholds", *thresholds, "--mode", mode, "--data", self.data_root,
+        args = ["--models", *models, "--names", *names, "--thresholds", *thresholds, "--mode", mode,
+                "--data", self.data_root,
                 "--out", out, "--min-area", p["min_area"], "--seed", p["seed"], "--batch-size", p["batch_size"],
                 "--num-gpus", self.cfg["num_gpus"], "--min-votes", p["min_votes"],
                 "--single-model-score", p["single_model_score"]]
