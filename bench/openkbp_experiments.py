@@ -53,6 +53,8 @@ from d2ct.utils.fileio import atomic_write_text, read_json  # noqa: E402
 
 SOURCE = Path("/work/shared/data/openkbp_fewshot")
 STRONG_TEACHER = "r50_2400"  # the R50 radiologist's 1,200 iterations and long_labelled's 1,200
+STRONG_TEACHER_RUN = [f"radiologists=[{{name: {STRONG_TEACHER}, dir: @long_labelled/final, threshold: 0.8}}]",
+                      "final.config=configs/cpu/final_warmstart.yaml", "final.init=best"]
 # "@<variant>" in a setting stands for that variant's run folder
 VARIANTS = {
     "main": [],
@@ -95,14 +97,16 @@ VARIANTS = {
     # radiologist) is the only radiologist, at threshold 0.8 (precision 0.75 / recall 0.67 on the
     # validation slices: the pseudo-label quality section). The student
     # starts from it and trains 600 iterations; its control does the same on the labelled slices alone.
-    "strong_teacher": [f"radiologists=[{{name: {STRONG_TEACHER}, dir: @long_labelled/final, threshold: 0.8}}]",
-                       "final.config=configs/cpu/final_warmstart.yaml", "final.init=best"],
-    "strong_teacher_labelled": [f"radiologists=[{{name: {STRONG_TEACHER}, dir: @long_labelled/final, threshold: 0.8}}]",
-                                "final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
-                                "final.pseudo_labels=false"],
+    "strong_teacher": STRONG_TEACHER_RUN,
+    "strong_teacher_labelled": [*STRONG_TEACHER_RUN, "final.pseudo_labels=false"],
 }
-# variants whose teachers are their own (a radiologists= setting): not the config's radiologists'
-OWN_TEACHERS = ("strong_teacher", "strong_teacher_labelled")
+
+
+def own_teachers(variant: str) -> bool:
+    """Whether a variant names its own teachers (a radiologists= setting) instead of the config's."""
+    return any(item.startswith("radiologists=") for item in VARIANTS[variant])
+
+
 # two-round variants: their first round is this variant's, copied when it has finished
 ROUND1_OF = {"rounds2": "main", "warmstart_rounds2": "warmstart"}
 # groups of variants whose round-1 pseudo-labels are the same (same models, thresholds, mode and
@@ -228,7 +232,7 @@ def run_variant(args, variant: str) -> None:
                 shutil.rmtree(out / "pseudolabels", ignore_errors=True)  # a partial one of a killed run
                 shutil.copytree(done, out / "pseudolabels")
                 break
-    if variant not in OWN_TEACHERS:  # the config's radiologists: their predictions are made already
+    if not own_teachers(variant):  # the config's radiologists: their predictions are made already
         if not (out / "pseudolabels").exists():
             _copy_pool_predictions(base, out, tag)
         _copy_radiologist_predictions(args, base, out, tag)
@@ -421,7 +425,8 @@ def pseudo_label_quality_section(args) -> list[str]:
         found = pseudo_label_quality_rows(Pipeline(cfg), read_json(stats), QUALITY_THRESHOLDS)
         if found is None:
             continue
-        new = [r for r in found[1] if r["rule"] not in {seen["rule"] for seen in rows}]
+        seen = {r["rule"] for r in rows}
+        new = [r for r in found[1] if r["rule"] not in seen]
         if new:
             rows += new
             sources.append(f"`{out.name}`")

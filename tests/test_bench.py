@@ -290,7 +290,7 @@ def test_every_openkbp_variant_is_a_valid_pipeline_config(tmp_path, calls):
         sets = calls[-1][calls[-1].index("--set") + 1:]
         cfg = load_pipeline_config(str(openkbp_experiments.ROOT / args.config), sets)
         assert (openkbp_experiments.ROOT / cfg["final"]["config"]).is_file(), variant
-        if variant in openkbp_experiments.OWN_TEACHERS:  # "@long_labelled/final" names that run's model
+        if openkbp_experiments.own_teachers(variant):  # "@long_labelled/final" names that run's model
             assert [(r["name"], r["dir"]) for r in cfg["radiologists"]] == [
                 (openkbp_experiments.STRONG_TEACHER, str(teacher))], variant
         else:
