@@ -34,7 +34,12 @@ round-1 warm-started final model pseudo-labels the pool again; a second final mo
 split listed three times), and runs with twice the final budget (1,200 iterations,
 ``configs/cpu/final_warmstart_long.yaml``): ``long_labelled`` (the control), ``long_thr09``,
 ``long_consensus`` and ``long_labelled_seed7`` (the control with another training seed: how far two
-runs of one recipe land apart).
+runs of one recipe land apart). ``strong_teacher`` and ``strong_teacher_labelled``: ``long_labelled``'s
+final model is the only radiologist (a stronger teacher); a student starts from it and trains 600
+iterations with its pseudo-labels, a control the same on the labelled slices alone;
+``strong_teacher_seed7`` and ``strong_teacher_labelled_seed7`` repeat both with another training seed.
+``second_generation`` and ``second_generation_labelled``: the same with ``strong_teacher``'s final
+model (the student) as the teacher.
 """
 from __future__ import annotations
 
@@ -55,6 +60,9 @@ SOURCE = Path("/work/shared/data/openkbp_fewshot")
 STRONG_TEACHER = "r50_2400"  # the R50 radiologist's 1,200 iterations and long_labelled's 1,200
 STRONG_TEACHER_RUN = [f"radiologists=[{{name: {STRONG_TEACHER}, dir: @long_labelled/final, threshold: 0.8}}]",
                       "final.config=configs/cpu/final_warmstart.yaml", "final.init=best"]
+SECOND_GENERATION = "student_3000"  # strong_teacher's final model: 600 more iterations with pseudo-labels
+SECOND_GENERATION_RUN = [f"radiologists=[{{name: {SECOND_GENERATION}, dir: @strong_teacher/final, threshold: 0.8}}]",
+                         "final.config=configs/cpu/final_warmstart.yaml", "final.init=best"]
 # "@<variant>" in a setting stands for that variant's run folder
 VARIANTS = {
     "main": [],
@@ -99,6 +107,14 @@ VARIANTS = {
     # starts from it and trains 600 iterations; its control does the same on the labelled slices alone.
     "strong_teacher": STRONG_TEACHER_RUN,
     "strong_teacher_labelled": [*STRONG_TEACHER_RUN, "final.pseudo_labels=false"],
+    # the same student and control with another training seed: is the student's lead over its
+    # control larger than two runs of one recipe land apart?
+    "strong_teacher_seed7": [*STRONG_TEACHER_RUN, "final.opts=[SEED, 7]"],
+    "strong_teacher_labelled_seed7": [*STRONG_TEACHER_RUN, "final.pseudo_labels=false", "final.opts=[SEED, 7]"],
+    # a second generation: the student above teaches in its turn (same threshold, same schedule); its
+    # control starts from it too and trains on the labelled slices alone. Does a student pass its teacher?
+    "second_generation": SECOND_GENERATION_RUN,
+    "second_generation_labelled": [*SECOND_GENERATION_RUN, "final.pseudo_labels=false"],
 }
 
 
@@ -115,7 +131,9 @@ SAME_PSEUDOLABELS = (("main", "warmstart", "warmstart_labelled", "warmstart_repe
                       "long_labelled_seed7"),
                      ("warmstart_thr09", "warmstart_thr09_repeat3", "long_thr09"),
                      ("consensus", "warmstart_consensus", "long_consensus"),
-                     ("strong_teacher", "strong_teacher_labelled"))
+                     ("strong_teacher", "strong_teacher_labelled", "strong_teacher_seed7",
+                      "strong_teacher_labelled_seed7"),
+                     ("second_generation", "second_generation_labelled"))
 COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "Dice"),
            ("Recall50", "recall@0.5"), ("AP", "mask AP"), ("AP50", "AP50"), ("Precision50", "precision@0.5"),
            ("n_pred", "instances"), ("fg_px", "foreground px / slice"), ("threshold", "score threshold")]
@@ -314,9 +332,13 @@ def patient_bootstrap(diff, patients, n: int = 10000, seed: int = 0) -> tuple[fl
 # the labelled-only control of each schedule: a pseudo-labelled run is compared with the control
 # that had the same start and number of iterations
 CONTROLS = {"long_labelled": ("long_thr09", "long_consensus", "long_labelled_seed7"),
-            "strong_teacher_labelled": ("strong_teacher",)}
+            "strong_teacher_labelled": ("strong_teacher",),
+            "strong_teacher_labelled_seed7": ("strong_teacher_seed7",),
+            "second_generation_labelled": ("second_generation",)}
 # runs taught by another run's final model (a radiologist given by its folder): compared with that teacher
-TAUGHT_BY = {"long_labelled": ("strong_teacher", "strong_teacher_labelled")}
+TAUGHT_BY = {"long_labelled": ("strong_teacher", "strong_teacher_labelled", "strong_teacher_seed7",
+                              "strong_teacher_labelled_seed7"),
+             "strong_teacher": ("second_generation", "second_generation_labelled")}
 
 
 def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled", "final"),

@@ -279,10 +279,12 @@ def test_every_openkbp_variant_is_a_valid_pipeline_config(tmp_path, calls):
     # a typo in a variant's settings or config path would only surface after an hour of training
     from d2ct.pipeline.config import load_pipeline_config
 
-    teacher = tmp_path / "cpu_pipeline_r50+r101_long_labelled" / "final"  # the strong teacher, trained
-    teacher.mkdir(parents=True)
-    (teacher / "config.yaml").write_text("MODEL: {}\n")
-    (teacher / "model_final.pth").write_bytes(b"weights")
+    teachers = {openkbp_experiments.STRONG_TEACHER: tmp_path / "cpu_pipeline_r50+r101_long_labelled" / "final",
+                openkbp_experiments.SECOND_GENERATION: tmp_path / "cpu_pipeline_r50+r101_strong_teacher" / "final"}
+    for teacher in teachers.values():  # the runs' final models that teach other runs, trained
+        teacher.mkdir(parents=True)
+        (teacher / "config.yaml").write_text("MODEL: {}\n")
+        (teacher / "model_final.pth").write_bytes(b"weights")
     for variant in openkbp_experiments.VARIANTS:
         args = SimpleNamespace(output=str(tmp_path / "cpu_pipeline"), config="configs/cpu/pipeline_openkbp.yaml",
                                radiologists=["r50", "r101"], predict_threshold="val")
@@ -291,8 +293,8 @@ def test_every_openkbp_variant_is_a_valid_pipeline_config(tmp_path, calls):
         cfg = load_pipeline_config(str(openkbp_experiments.ROOT / args.config), sets)
         assert (openkbp_experiments.ROOT / cfg["final"]["config"]).is_file(), variant
         if openkbp_experiments.own_teachers(variant):  # "@long_labelled/final" names that run's model
-            assert [(r["name"], r["dir"]) for r in cfg["radiologists"]] == [
-                (openkbp_experiments.STRONG_TEACHER, str(teacher))], variant
+            [(name, folder)] = [(r["name"], r["dir"]) for r in cfg["radiologists"]]
+            assert name in teachers and folder == str(teachers[name]), variant
         else:
             assert [r["name"] for r in cfg["radiologists"]] == ["r50", "r101"], variant
         assert cfg["predict"]["score_threshold"] == "val", variant

@@ -76,6 +76,22 @@ def test_predict_instances_alone_record_what_made_them(tiny_model, tiny_phantom,
     assert proc.returncode == 2 and "--out is needed" in proc.stderr
 
 
+def test_instances_files_that_are_not_ones_are_named(tmp_path):
+    from d2ct.errors import DataError
+    from d2ct.postprocess.submission import read_instances, save_instances
+
+    for text, problem in [("{not json", "not valid JSON"), ('{"images": [{"name": "a.png"}]}', "an image without 'rles'"),
+                          ("[1, 2]", "not an instances file")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(DataError, match=problem) as err:
+            read_instances(tmp_path / "bad.json")
+        assert "bad.json" in str(err.value)
+    with pytest.raises(DataError, match="instances file not found"):
+        read_instances(tmp_path / "missing.json")
+    save_instances(tmp_path / "none.json", [], source={"weights": "w"})
+    assert read_instances(tmp_path / "none.json") == ({"weights": "w"}, {})
+
+
 def test_predict_bad_input_names_the_problem(tiny_model, tmp_path):
     proc = run_tool("predict.py", "--model", tiny_model, "--input", tmp_path / "nothing", "--out", tmp_path / "x.csv",
                     check=False)

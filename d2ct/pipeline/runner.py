@@ -385,33 +385,35 @@ class Pipeline:
                              "val needs one (data.val_fraction)")
         return ds.image_dir, names, ds.label_map
 
-    def _predict_instances(self, name: str, model_dir: Path, folder: Path, names: list[str], out: Path) -> Path:
-        """Every scored instance of one model on ``names``. Label maps are flattened from them, so a
-        new threshold needs no model. Saved instances are reused when they cover ``names`` and were
-        made with this checkpoint (by content) and flip TTA setting; otherwise predicted again."""
+    def _predict_instances(self, name: str, model_dir: Path, folder: Path, names: list[str],
+                           out: Path) -> dict[str, tuple[list[dict], np.ndarray]]:
+        """Every scored instance of one model on ``names`` (name -> (RLEs, scores)), kept in
+        ``out/<name>_instances.json``. Label maps are flattened from them, so a new threshold needs no
+        model. Saved instances are reused when they cover ``names`` and were made with this
+        checkpoint (by content) and flip TTA setting; otherwise predicted again."""
         from d2ct.engine.predictor import prediction_source, source_changes, trained_weights
-        from d2ct.postprocess.submission import instances_record
+        from d2ct.postprocess.submission import load_instances, read_instances
 
         pr = self.cfg["predict"]
         instances = out / f"{name}_instances.json"
         if instances.exists():
             try:
-                saved, covered = instances_record(instances)
+                saved, loaded = read_instances(instances)
             except DataError as e:  # damaged outside d2ct (its writes are atomic): keep it aside, predict again
                 aside = instances.with_name(instances.name + ".unreadable")
                 instances.replace(aside)
                 logger.warning("%s; moved to %s: predicting again", e, aside)
-                saved, covered = None, set()
-            if not set(names) <= covered:
-                logger.info("%s: %d slice(s) missing: predicting again", instances, len(set(names) - covered))
+                saved, loaded = None, {}
+            if not set(names) <= set(loaded):
+                logger.info("%s: %d slice(s) missing: predicting again", instances, len(set(names) - set(loaded)))
             elif saved is None:  # saved before d2ct recorded what instances were made with
                 logger.info("%s: reused as saved (no record of its checkpoint; --from predict predicts again)",
                             instances)
-                return instances
+                return loaded
             else:
                 changed = source_changes(saved, prediction_source(trained_weights(model_dir), pr["flip_tta"]))
                 if not changed:
-                    return instances
+                    return loaded
                 logger.info("%s: made with another %s: predicting again", instances, " and ".join(changed))
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "images.txt", "\n".join(names) + "\n")
@@ -420,11 +422,10 @@ class Pipeline:
         if pr["flip_tta"]:
             args.append("--flip-tta")
         self._run_tool("predict.py", args, f"predict_{name}" if out.name == "predict" else f"predict_{name}_{out.name}")
-        return instances
+        return load_instances(instances)
 
     def stage_predict(self) -> dict:
-        from d2ct.postprocess.submission import (PostprocessOptions, label_maps_from_instances, load_instances,
-                                                 write_submission)
+        from d2ct.postprocess.submission import PostprocessOptions, label_maps_from_instances, write_submission
         from d2ct.postprocess.threshold import best_threshold, threshold_scores
 
         pr = self.cfg["predict"]
@@ -445,8 +446,7 @@ class Pipeline:
             instances = self._predict_instances(name, model_dir, folder, names, out)
             if tune:
                 val_instances = self._predict_instances(name, model_dir, val_folder, val_names, out / "val")
-                scores = threshold_scores(load_instances(val_instances), val_names, val_truth, post,
-                                          pr["threshold_grid"])
+                scores = threshold_scores(val_instances, val_names, val_truth, post, pr["threshold_grid"])
                 thresholds[name] = {"threshold": best_threshold(scores), "chosen_on": "val",
                                     "val_ARI": {f"{t:g}": round(v, 4) for t, v in scores.items()}}
                 logger.info("%s: score threshold %g (validation ARI %.3f; %s)", name, thresholds[name]["threshold"],
@@ -455,7 +455,7 @@ class Pipeline:
                 thresholds[name] = {"threshold": float(pr["score_threshold"]), "chosen_on": "config"}
             options = dataclasses.replace(post, score_threshold=thresholds[name]["threshold"])
             csv = out / f"{name}.csv"
-            maps = label_maps_from_instances(load_instances(instances), names, options, shape=shape)
+            maps = label_maps_from_instances(instances, names, options, shape=shape)
             write_submission(csv, names, maps)
             outputs[name] = str(csv)
         atomic_write_json(out / "thresholds.json", thresholds)

@@ -110,22 +110,31 @@ def save_instances(path: str | os.PathLike, preds: Sequence, source: dict | None
     return Path(path)
 
 
-def instances_record(path: str | os.PathLike) -> tuple[dict | None, set[str]]:
-    """(source, slice names) of a :func:`save_instances` file; source is None for a file saved
-    without one (before d2ct recorded it)."""
-    try:
-        data = read_json(path)
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    return data.get("source"), {im["name"] for im in data.get("images", [])}
-
-
-def load_instances(path: str | os.PathLike) -> dict[str, tuple[list[dict], np.ndarray]]:
-    """name -> (RLEs, scores) from :func:`save_instances`."""
+def read_instances(path: str | os.PathLike) -> tuple[dict | None, dict[str, tuple[list[dict], np.ndarray]]]:
+    """(source, name -> (RLEs, scores)) of a :func:`save_instances` file; source is None for a file
+    saved without one (before d2ct recorded it). Raises DataError naming the file when it is missing,
+    not JSON or not laid out as :func:`save_instances` writes it."""
     try:
         data = read_json(path)
     except FileNotFoundError:
         raise DataError(f"instances file not found: {path}") from None
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
-    return {im["name"]: (im["rles"], np.asarray(im["scores"], np.float32)) for im in data["images"]}
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path}: not an instances file (expected an object with an 'images' list)")
+    try:
+        instances = {im["name"]: (im["rles"], np.asarray(im["scores"], np.float32)) for im in data["images"]}
+    except KeyError as e:
+        raise DataError(f"{path}: not an instances file (an image without {e})") from None
+    return data.get("source"), instances
+
+
+def instances_record(path: str | os.PathLike) -> tuple[dict | None, set[str]]:
+    """(source, slice names) of a :func:`save_instances` file (:func:`read_instances`)."""
+    source, instances = read_instances(path)
+    return source, set(instances)
+
+
+def load_instances(path: str | os.PathLike) -> dict[str, tuple[list[dict], np.ndarray]]:
+    """name -> (RLEs, scores) from :func:`save_instances` (:func:`read_instances`)."""
+    return read_instances(path)[1]
