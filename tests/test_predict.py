@@ -81,7 +81,7 @@ def test_instances_files_that_are_not_ones_are_named(tmp_path):
     from d2ct.postprocess.submission import read_instances, save_instances
 
     for text, problem in [("{not json", "not valid JSON"), ('{"images": [{"name": "a.png"}]}', "an image without 'rles'"),
-                          ("[1, 2]", "not an instances file")]:
+                          ("[1, 2]", "not an instances file"), ('{"images": ["a.png"]}', "not an object")]:
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(DataError, match=problem) as err:
             read_instances(tmp_path / "bad.json")

@@ -126,6 +126,9 @@ def read_instances(path: str | os.PathLike) -> tuple[dict | None, dict[str, tupl
         instances = {im["name"]: (im["rles"], np.asarray(im["scores"], np.float32)) for im in data["images"]}
     except KeyError as e:
         raise DataError(f"{path}: not an instances file (an image without {e})") from None
+    except TypeError:
+        raise DataError(f"{path}: not an instances file (an image entry is not an object with name, "
+                        "rles and scores)") from None
     return data.get("source"), instances
 
 
