@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -57,12 +58,19 @@ sys.path.insert(0, str(ROOT))
 from d2ct.utils.fileio import atomic_write_text, read_json  # noqa: E402
 
 SOURCE = Path("/work/shared/data/openkbp_fewshot")
+
+
+def taught_by(name: str, teacher: str) -> list[str]:
+    """Settings of a run whose only radiologist (called ``name``, threshold 0.8) is the final model of
+    the run ``teacher``; its final model starts from that teacher and trains 600 iterations."""
+    return [f"radiologists=[{{name: {name}, dir: @{teacher}/final, threshold: 0.8}}]",
+            "final.config=configs/cpu/final_warmstart.yaml", "final.init=best"]
+
+
 STRONG_TEACHER = "r50_2400"  # the R50 radiologist's 1,200 iterations and long_labelled's 1,200
-STRONG_TEACHER_RUN = [f"radiologists=[{{name: {STRONG_TEACHER}, dir: @long_labelled/final, threshold: 0.8}}]",
-                      "final.config=configs/cpu/final_warmstart.yaml", "final.init=best"]
+STRONG_TEACHER_RUN = taught_by(STRONG_TEACHER, "long_labelled")
 SECOND_GENERATION = "student_3000"  # strong_teacher's final model: 600 more iterations with pseudo-labels
-SECOND_GENERATION_RUN = [f"radiologists=[{{name: {SECOND_GENERATION}, dir: @strong_teacher/final, threshold: 0.8}}]",
-                         "final.config=configs/cpu/final_warmstart.yaml", "final.init=best"]
+SECOND_GENERATION_RUN = taught_by(SECOND_GENERATION, "strong_teacher")
 # "@<variant>" in a setting stands for that variant's run folder
 VARIANTS = {
     "main": [],
@@ -335,10 +343,18 @@ CONTROLS = {"long_labelled": ("long_thr09", "long_consensus", "long_labelled_see
             "strong_teacher_labelled": ("strong_teacher",),
             "strong_teacher_labelled_seed7": ("strong_teacher_seed7",),
             "second_generation_labelled": ("second_generation",)}
-# runs taught by another run's final model (a radiologist given by its folder): compared with that teacher
-TAUGHT_BY = {"long_labelled": ("strong_teacher", "strong_teacher_labelled", "strong_teacher_seed7",
-                              "strong_teacher_labelled_seed7"),
-             "strong_teacher": ("second_generation", "second_generation_labelled")}
+
+
+def taught_runs() -> dict[str, tuple[str, ...]]:
+    """teacher run -> the runs taught by its final model (a radiologist "dir: @<teacher>/final"), in
+    VARIANTS order: each is compared with that teacher."""
+    runs: dict[str, tuple[str, ...]] = {}
+    for variant, settings in VARIANTS.items():
+        for item in settings:
+            found = re.match(r"radiologists=.*dir: @(\w+)/final", item)
+            if found:
+                runs[found[1]] = runs.get(found[1], ()) + (variant,)
+    return runs
 
 
 def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled", "final"),
@@ -553,7 +569,7 @@ def table(args) -> str:
     paired = paired_differences(args)
     for control, variants in CONTROLS.items():
         paired += paired_differences(args, (control, "final"), variants)
-    for teacher, variants in TAUGHT_BY.items():
+    for teacher, variants in taught_runs().items():
         paired += paired_differences(args, (teacher, "final"), variants, what="their teacher",
                                      heading=f"## Paired differences on the test slices: against their teacher, {teacher} final")
     paired += against_best_radiologist(args)

@@ -63,12 +63,12 @@ def test_predict_slices_to_submission_csv(tiny_model, tiny_phantom, tmp_path):
 
 def test_predict_instances_alone_record_what_made_them(tiny_model, tiny_phantom, tmp_path):
     from d2ct.engine.predictor import prediction_source, source_changes, trained_weights
-    from d2ct.postprocess.submission import instances_record
+    from d2ct.postprocess.submission import read_instances
 
     run_tool("predict.py", "--model", tiny_model, "--input", tiny_phantom, "--instances", tmp_path / "inst.json")
     assert [f.name for f in tmp_path.iterdir()] == ["inst.json"]  # no CSV asked for, none written
-    source, names = instances_record(tmp_path / "inst.json")
-    assert names == {"0.png", "1.png", "2.png"}
+    source, instances = read_instances(tmp_path / "inst.json")
+    assert set(instances) == {"0.png", "1.png", "2.png"}
     weights = trained_weights(tiny_model)
     assert source["weights"] == str(weights.resolve()) and source_changes(source, prediction_source(weights, False)) == []
     assert source_changes(source, prediction_source(weights, True)) == ["flip_tta"]  # flip TTA makes other instances

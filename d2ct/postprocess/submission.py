@@ -132,12 +132,6 @@ def read_instances(path: str | os.PathLike) -> tuple[dict | None, dict[str, tupl
     return data.get("source"), instances
 
 
-def instances_record(path: str | os.PathLike) -> tuple[dict | None, set[str]]:
-    """(source, slice names) of a :func:`save_instances` file (:func:`read_instances`)."""
-    source, instances = read_instances(path)
-    return source, set(instances)
-
-
 def load_instances(path: str | os.PathLike) -> dict[str, tuple[list[dict], np.ndarray]]:
     """name -> (RLEs, scores) from :func:`save_instances` (:func:`read_instances`)."""
     return read_instances(path)[1]
