@@ -320,6 +320,17 @@ def _holdout(args) -> Path:
     return Path(getattr(args, "holdout", ROOT / "datasets/openkbp_holdout"))
 
 
+def test_patients(args) -> dict[str, str]:
+    """Held-out test slice -> its patient (the holdout's manifest.csv); empty before the holdout exists."""
+    import csv
+
+    manifest = _holdout(args) / "manifest.csv"
+    if not manifest.exists():
+        return {}
+    with open(manifest, newline="") as fh:
+        return {row["file"]: row["patient"] for row in csv.DictReader(fh) if row.get("holdout") == "test"}
+
+
 def patient_bootstrap(diff, patients, n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of per-slice differences and its 95% interval, resampling whole patients: slices of one
     patient are not independent, so resampling slices would make the interval too narrow."""
@@ -366,7 +377,6 @@ def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled",
     import csv
 
     base, tag = Path(args.output), teacher_tag(args)
-    manifest = _holdout(args) / "manifest.csv"
 
     def per_image(variant: str, model: str) -> dict[str, float] | None:
         f = run_dir(base, variant, tag) / "evaluate" / model / "per_image.csv"
@@ -375,11 +385,9 @@ def paired_differences(args, reference: tuple[str, str] = ("warmstart_labelled",
         with open(f, newline="") as fh:
             return {row["name"]: float(row["ARI"]) for row in csv.DictReader(fh)}
 
-    ref = per_image(*reference)
-    if ref is None or not manifest.exists():
+    ref, patient = per_image(*reference), test_patients(args)
+    if ref is None or not patient:
         return []
-    with open(manifest, newline="") as fh:
-        patient = {row["file"]: row["patient"] for row in csv.DictReader(fh) if row.get("holdout") == "test"}
     models: list[tuple[str, str]] = []
     for variant in variants or VARIANTS:
         out = run_dir(base, variant, tag)

@@ -399,3 +399,53 @@ def test_openkbp_table_shows_thresholds_chosen_on_validation_and_teachers_once(t
     (other / "thresholds.json").unlink()
     assert "## Score thresholds chosen" not in openkbp_experiments.table(
         SimpleNamespace(output=str(base), config="configs/cpu/pipeline_openkbp.yaml"))
+
+
+def _instances_file(path: Path, weights: Path, flip: bool, names=("a.png", "b.png")) -> None:
+    from d2ct.engine.predictor import prediction_source
+
+    images = [{"name": n, "height": 4, "width": 4, "scores": [0.9], "rles": [{"size": [4, 4], "counts": "04000"}]}
+              for n in names]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"source": prediction_source(weights, flip), "images": images}))
+
+
+def test_flip_tta_bench_reuses_matching_predictions_and_predicts_the_rest(tmp_path, monkeypatch):
+    from bench import openkbp_flip_tta
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_best.pth").write_bytes(b"weights")
+    saved, work = tmp_path / "run" / "final_instances.json", tmp_path / "work"
+    _instances_file(saved, model / "model_best.pth", flip=False)
+    predicted = []
+
+    def fake_predict(cmd, **kwargs):  # tools/predict.py: writes the --instances file
+        predicted.append(cmd)
+        _instances_file(Path(cmd[cmd.index("--instances") + 1]), model / "model_best.pth", "--flip-tta" in cmd)
+
+    monkeypatch.setattr(openkbp_flip_tta.subprocess, "run", fake_predict)
+    names = ["a.png", "b.png"]
+    args = (model, tmp_path / "images", names, saved)
+    plain = openkbp_flip_tta.model_instances(*args, work / "plain.json", False, tmp_path / "plain.log")
+    assert predicted == [] and set(plain) == set(names)  # the run's own plain predictions
+    flip = openkbp_flip_tta.model_instances(*args, work / "flip.json", True, tmp_path / "flip.log")
+    assert len(predicted) == 1 and "--flip-tta" in predicted[0] and set(flip) == set(names)
+    assert (work / "flip.txt").read_text().split() == names  # the slices it was asked for
+    openkbp_flip_tta.model_instances(*args, work / "flip.json", True, tmp_path / "flip.log")
+    assert len(predicted) == 1  # resumed: predicted once
+    (model / "model_best.pth").write_bytes(b"retrained")  # stale everywhere: predicted again
+    openkbp_flip_tta.model_instances(*args, work / "plain.json", False, tmp_path / "plain.log")
+    assert len(predicted) == 2 and "--flip-tta" not in predicted[1]
+
+
+def test_flip_tta_bench_table_pairs_plain_and_flip():
+    from bench import openkbp_flip_tta
+
+    row = {"model": "long_labelled final", "threshold": "0.5", "ARI": (0.6, 0.62), "diff": (0.02, -0.01, 0.05),
+           "better_worse": (50, 30), "Dice": (0.6, 0.61), "recall": (0.7, None), "AP": (19.6, 20.1),
+           "structures": (3.0, 3.5), "truth_structures": 3.9}
+    text = openkbp_flip_tta.table([row], 82, 28)
+    assert "82 held-out test slices" in text and "28 test patients" in text and "(the truth has 3.90)" in text
+    assert ("| long_labelled final | 0.5 | 0.600 -> 0.620 | +0.020 | [-0.010, +0.050] | 50 / 30 "
+            "| 0.600 -> 0.610 | - | 19.6 -> 20.1 | 3.00 -> 3.50 |") in text

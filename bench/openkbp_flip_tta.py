@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Horizontal-flip test-time augmentation on OpenKBP: does it help the trained models?
+
+For the radiologists and the final model of each run named (runs of bench/openkbp_experiments.py,
+trained before; nothing is trained here), the test and validation slices are predicted again with
+``--flip-tta`` (each slice and its mirror image, masks fused; d2ct/engine/predictor.py
+``fuse_views``) into ``--work`` and scored against the same slices without it. The plain
+predictions are the run's own saved instances where they match the checkpoint (otherwise they are
+predicted too). Both are flattened the same way: at score 0.5, and at each model's own threshold
+chosen on the validation split (a fused instance seen in one view only gets half its score, so the
+two are calibrated differently). Per-slice ARI differences (flip minus plain) get a 95% interval
+from a bootstrap over the test patients. Resumable: finished predictions are reused.
+
+  python bench/openkbp_flip_tta.py --radiologists r50 r101 --only long_labelled strong_teacher
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.openkbp_experiments import (VARIANTS, patient_bootstrap, pipeline_sets, run_dir,  # noqa: E402
+                                       teacher_tag, test_patients)
+from d2ct.utils.fileio import atomic_write_text  # noqa: E402
+
+DEFAULT_RUNS = ("warmstart_labelled", "long_labelled", "long_consensus", "strong_teacher", "strong_teacher_labelled")
+
+
+def model_instances(model_dir: Path, folder: Path, names: list[str], saved: Path, work: Path, flip: bool,
+                    log: Path) -> dict:
+    """name -> (RLEs, scores) of one model on ``names``: ``saved`` (plain only) or ``work`` when they
+    were made with this checkpoint and flip setting and cover ``names``; otherwise predicted into ``work``."""
+    from d2ct.engine.predictor import prediction_source, source_changes, trained_weights
+    from d2ct.errors import DataError
+    from d2ct.postprocess.submission import read_instances
+
+    wanted = prediction_source(trained_weights(model_dir), flip)
+    for f in ([] if flip else [saved]) + [work]:
+        if f.exists():
+            try:
+                source, found = read_instances(f)
+            except DataError:
+                continue
+            if source is not None and not source_changes(source, wanted) and set(names) <= set(found):
+                return found
+    work.parent.mkdir(parents=True, exist_ok=True)
+    listing = work.with_suffix(".txt")
+    atomic_write_text(listing, "\n".join(names) + "\n")
+    cmd = [sys.executable, str(ROOT / "tools/predict.py"), "--model", str(model_dir), "--input", str(folder),
+           "--list", str(listing), "--instances", str(work), "--batch-size", "4"] + (["--flip-tta"] if flip else [])
+    with open(log, "w") as fh:
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=fh, stderr=subprocess.STDOUT)
+    return read_instances(work)[1]
+
+
+def score(instances: dict, names: list[str], truth: list, threshold: float, post):
+    """Per-slice scores (EvaluationResult) of instances flattened at ``threshold``."""
+    from d2ct.evaluation.report import evaluate_label_maps
+    from d2ct.postprocess.submission import label_maps_from_instances
+
+    maps = label_maps_from_instances(instances, names, dataclasses.replace(post, score_threshold=threshold),
+                                     shape=truth[0].shape)
+    return evaluate_label_maps(names, truth, maps, with_ap=False)
+
+
+def compare_model(label: str, model_dir: Path, run: Path, name: str, pipe, work: Path, patients: dict) -> list[dict]:
+    """Rows (one per threshold policy) comparing one model with and without flip TTA."""
+    from d2ct.evaluation.coco_ap import coco_ap, label_map_to_rles
+    from d2ct.postprocess.submission import PostprocessOptions
+    from d2ct.postprocess.threshold import best_threshold, threshold_scores
+
+    pr = pipe.cfg["predict"]
+    post = PostprocessOptions(min_area=pr["min_area"], fallback_top_k=pr["fallback_top_k"])
+    folder, names, truth_of = pipe.eval_images()
+    val_folder, val_names, val_truth_of = pipe.val_images()
+    truth, val_truth = [truth_of(n) for n in names], [val_truth_of(n) for n in val_names]
+    views = {}
+    for flip in (False, True):
+        tag = "flip" if flip else "plain"
+        test = model_instances(model_dir, folder, names, run / "predict" / f"{name}_instances.json",
+                               work / f"{name}_{tag}_instances.json", flip, work / f"{name}_{tag}.log")
+        val = model_instances(model_dir, val_folder, val_names, run / "predict" / "val" / f"{name}_instances.json",
+                              work / "val" / f"{name}_{tag}_instances.json", flip, work / f"{name}_{tag}_val.log")
+        chosen = best_threshold(threshold_scores(val, val_names, val_truth, post, pr["threshold_grid"]))
+        ap = coco_ap([label_map_to_rles(t)[0] for t in truth], [list(zip(test[n][0], test[n][1].tolist())) for n in names],
+                     [truth[0].shape] * len(names))["AP"]
+        views[tag] = {"instances": test, "val_threshold": chosen, "AP": ap}
+    rows = []
+    for policy in ("0.5", "val"):
+        results = {}
+        for tag, v in views.items():
+            t = 0.5 if policy == "0.5" else v["val_threshold"]
+            results[tag] = (t, score(v["instances"], names, truth, t, post))
+        plain, flip = results["plain"][1].per_image, results["flip"][1].per_image
+        diff = (flip["ARI"].to_numpy() - plain["ARI"].to_numpy())
+        mean, low, high = patient_bootstrap(diff, [patients[n] for n in plain["name"]])
+        rows.append({"model": label, "policy": policy,
+                     "threshold": "0.5" if policy == "0.5" else f"val: {results['plain'][0]:g} / {results['flip'][0]:g}",
+                     "ARI": (plain["ARI"].mean(), flip["ARI"].mean()), "diff": (mean, low, high),
+                     "better_worse": (int((diff > 0).sum()), int((diff < 0).sum())),
+                     "Dice": tuple(results[k][1].summary.get("Dice") for k in ("plain", "flip")),
+                     "recall": tuple(results[k][1].summary.get("Recall50") for k in ("plain", "flip")),
+                     "AP": (views["plain"]["AP"], views["flip"]["AP"]),
+                     "truth_structures": float(plain["n_true"].mean()),
+                     "structures": tuple(results[k][1].per_image["n_pred"].mean() for k in ("plain", "flip"))})
+    return rows
+
+
+def _pair(values, digits: int = 3) -> str:
+    a, b = values
+    return "-" if a is None or b is None else f"{a:.{digits}f} -> {b:.{digits}f}"
+
+
+def table(rows: list[dict], n_slices: int, n_patients: int) -> str:
+    truth_structures = rows[0]["truth_structures"] if rows else float("nan")
+    lines = ["# Horizontal-flip test-time augmentation on OpenKBP", "",
+             "Written by `bench/openkbp_flip_tta.py` (command in its docstring and the README). Each model "
+             f"scored on the {n_slices} held-out test slices without and with flip TTA (plain -> flip); "
+             "threshold: 0.5 for both, or each one's own chosen on the validation split (val: plain / flip); "
+             "structures / slice: after flattening at that threshold (the truth has "
+             f"{truth_structures:.2f}). "
+             f"Difference: per-slice ARI (all pixels), flip minus plain; 95% interval from 10,000 bootstrap "
+             f"resamples of the {n_patients} test patients (seed 0).", "",
+             "| model | threshold | ARI (all pixels) | flip - plain | 95% interval | slices better / worse | Dice "
+             "| recall@0.5 | mask AP | structures / slice |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mean, low, high = r["diff"]
+        lines.append(f"| {r['model']} | {r['threshold']} | {_pair(r['ARI'])} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] "
+                     f"| {r['better_worse'][0]} / {r['better_worse'][1]} | {_pair(r['Dice'])} | {_pair(r['recall'])} "
+                     f"| {_pair(r['AP'], 1)} | {_pair(r['structures'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from d2ct.pipeline.config import load_pipeline_config
+    from d2ct.pipeline.runner import Pipeline
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--config", default="configs/cpu/pipeline_openkbp.yaml")
+    p.add_argument("--output", default="output/cpu_pipeline", help="the main run's output_dir")
+    p.add_argument("--holdout", type=Path, default=ROOT / "datasets/openkbp_holdout")
+    p.add_argument("--radiologists", nargs="+", metavar="NAME", help="as given to bench/openkbp_experiments.py")
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_RUNS),
+                   help="runs whose final models are scored (default: %(default)s); the radiologists of the "
+                        "first are scored too")
+    p.add_argument("--work", type=Path, default=ROOT / "output" / "flip_tta", help="predictions go here")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "OPENKBP_flip_tta.md")
+    args = p.parse_args(argv)
+
+    patients = test_patients(args)
+    if not patients:
+        raise SystemExit(f"{args.holdout / 'manifest.csv'}: no held-out test slices (run bench/openkbp_experiments.py first)")
+    tag, rows, seen = teacher_tag(args), [], set()
+    for i, variant in enumerate(args.only):
+        run = run_dir(Path(args.output), variant, tag)
+        if not (run / "stages" / "final.json").exists():
+            raise SystemExit(f"{run}: the run has no trained final model (run bench/openkbp_experiments.py "
+                             f"--only {variant} first)")
+        pipe = Pipeline(load_pipeline_config(str(ROOT / args.config), pipeline_sets(args, variant)))
+        models = pipe.models() if i == 0 else [m for m in pipe.models() if m[0].startswith("final")]
+        for name, model_dir in models:
+            if model_dir.resolve() in seen:  # a teacher that is another run's final model
+                continue
+            seen.add(model_dir.resolve())
+            label = name if not name.startswith("final") else f"{variant} {name}"
+            print(f"{label}: {model_dir}", flush=True)
+            rows += compare_model(label, model_dir, run, name, pipe, args.work / variant, patients)
+            atomic_write_text(args.out, table(rows, len(patients), len(set(patients.values()))))
+    text = table(rows, len(patients), len(set(patients.values())))
+    atomic_write_text(args.out, text)
+    print(text)
+    print(json.dumps({"written": str(args.out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
