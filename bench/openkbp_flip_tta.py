@@ -29,6 +29,7 @@ from bench.openkbp_experiments import (VARIANTS, patient_bootstrap, pipeline_set
                                        teacher_tag, test_patients)
 from d2ct.utils.fileio import atomic_write_text  # noqa: E402
 
+FIXED_THRESHOLD = 0.5  # the pipeline's default predict.score_threshold: the bench files' first policy
 DEFAULT_RUNS = ("warmstart_labelled", "long_labelled", "long_consensus", "strong_teacher", "strong_teacher_labelled")
 
 
@@ -92,16 +93,17 @@ def compare_model(label: str, model_dir: Path, run: Path, name: str, pipe, work:
                      [truth[0].shape] * len(names))["AP"]
         views[tag] = {"instances": test, "val_threshold": chosen, "AP": ap}
     rows = []
-    for policy in ("0.5", "val"):
+    for policy in ("fixed", "val"):
         results = {}
         for tag, v in views.items():
-            t = 0.5 if policy == "0.5" else v["val_threshold"]
+            t = FIXED_THRESHOLD if policy == "fixed" else v["val_threshold"]
             results[tag] = (t, score(v["instances"], names, truth, t, post))
         plain, flip = results["plain"][1].per_image, results["flip"][1].per_image
         diff = (flip["ARI"].to_numpy() - plain["ARI"].to_numpy())
         mean, low, high = patient_bootstrap(diff, [patients[n] for n in plain["name"]])
-        rows.append({"model": label, "policy": policy,
-                     "threshold": "0.5" if policy == "0.5" else f"val: {results['plain'][0]:g} / {results['flip'][0]:g}",
+        rows.append({"model": label,
+                     "threshold": (f"{FIXED_THRESHOLD:g}" if policy == "fixed"
+                                   else f"val: {results['plain'][0]:g} / {results['flip'][0]:g}"),
                      "ARI": (plain["ARI"].mean(), flip["ARI"].mean()), "diff": (mean, low, high),
                      "better_worse": (int((diff > 0).sum()), int((diff < 0).sum())),
                      "Dice": tuple(results[k][1].summary.get("Dice") for k in ("plain", "flip")),
@@ -122,7 +124,7 @@ def table(rows: list[dict], n_slices: int, n_patients: int) -> str:
     lines = ["# Horizontal-flip test-time augmentation on OpenKBP", "",
              "Written by `bench/openkbp_flip_tta.py` (command in its docstring and the README). Each model "
              f"scored on the {n_slices} held-out test slices without and with flip TTA (plain -> flip); "
-             "threshold: 0.5 for both, or each one's own chosen on the validation split (val: plain / flip); "
+             f"threshold: {FIXED_THRESHOLD:g} for both, or each one's own chosen on the validation split (val: plain / flip); "
              "structures / slice: after flattening at that threshold (the truth has "
              f"{truth_structures:.2f}). "
              f"Difference: per-slice ARI (all pixels), flip minus plain; 95% interval from 10,000 bootstrap "
