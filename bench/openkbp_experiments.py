@@ -613,6 +613,7 @@ def main(argv=None) -> int:
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "OPENKBP.md")
     args = p.parse_args(argv)
+    text = None
     if not args.table_only:
         if not (args.holdout / "holdout.json").exists():
             subprocess.run([sys.executable, str(ROOT / "tools/make_holdout.py"), "--data", str(args.source),
@@ -620,12 +621,18 @@ def main(argv=None) -> int:
                             "--seed", "0"], cwd=ROOT, check=True)
         for variant in args.only or list(VARIANTS):
             run_variant(args, variant)
-            atomic_write_text(args.out, table(args))
-    text = table(args)
-    atomic_write_text(args.out, text)
-    print(text)
-    print(json.dumps({"written": str(args.out)}))
+            text = table(args)  # after each run: a long session keeps its tables so far
+            atomic_write_text(args.out, text)
+    # table() bootstraps every paired comparison: not again when the last run has just built it
+    publish(args.out, text if text is not None else table(args))
     return 0
+
+
+def publish(out: Path, text: str) -> None:
+    """Write a bench table atomically, print it and where it went (the benches' common ending)."""
+    atomic_write_text(out, text)
+    print(text)
+    print(json.dumps({"written": str(out)}))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.openkbp_experiments import (VARIANTS, patient_bootstrap, pipeline_sets, run_dir,  # noqa: E402
-                                       teacher_tag, test_patients)
+from bench.openkbp_experiments import (VARIANTS, patient_bootstrap, pipeline_sets, publish,  # noqa: E402
+                                       run_dir, teacher_tag, test_patients)
 from d2ct.utils.fileio import atomic_write_text  # noqa: E402
 
 FIXED_THRESHOLD = 0.5  # the pipeline's default predict.score_threshold: the bench files' first policy
@@ -70,17 +69,23 @@ def score(instances: dict, names: list[str], truth: list, threshold: float, post
     return evaluate_label_maps(names, truth, maps, with_ap=False)
 
 
-def compare_model(label: str, model_dir: Path, run: Path, name: str, pipe, work: Path, patients: dict) -> list[dict]:
-    """Rows (one per threshold policy) comparing one model with and without flip TTA."""
+def splits(pipe) -> tuple[tuple[Path, list[str], list], tuple[Path, list[str], list]]:
+    """(image folder, names, truth label maps) of the test and the validation split of a run."""
+    (folder, names, truth_of), (val_folder, val_names, val_truth_of) = pipe.eval_images(), pipe.val_images()
+    return (folder, names, [truth_of(n) for n in names]), (val_folder, val_names, [val_truth_of(n) for n in val_names])
+
+
+def compare_model(label: str, model_dir: Path, run: Path, name: str, pipe, work: Path, patients: dict,
+                  test_split: tuple, val_split: tuple) -> list[dict]:
+    """Rows (one per threshold policy) comparing one model with and without flip TTA
+    (``test_split``, ``val_split``: :func:`splits`)."""
     from d2ct.evaluation.coco_ap import coco_ap, label_map_to_rles
     from d2ct.postprocess.submission import PostprocessOptions
     from d2ct.postprocess.threshold import best_threshold, threshold_scores
 
     pr = pipe.cfg["predict"]
     post = PostprocessOptions(min_area=pr["min_area"], fallback_top_k=pr["fallback_top_k"])
-    folder, names, truth_of = pipe.eval_images()
-    val_folder, val_names, val_truth_of = pipe.val_images()
-    truth, val_truth = [truth_of(n) for n in names], [val_truth_of(n) for n in val_names]
+    (folder, names, truth), (val_folder, val_names, val_truth) = test_split, val_split
     views = {}
     for flip in (False, True):
         tag = "flip" if flip else "plain"
@@ -168,18 +173,16 @@ def main(argv=None) -> int:
                              f"--only {variant} first)")
         pipe = Pipeline(load_pipeline_config(str(ROOT / args.config), pipeline_sets(args, variant)))
         models = pipe.models() if i == 0 else [m for m in pipe.models() if m[0].startswith("final")]
+        test_split, val_split = splits(pipe)
         for name, model_dir in models:
             if model_dir.resolve() in seen:  # a teacher that is another run's final model
                 continue
             seen.add(model_dir.resolve())
             label = name if not name.startswith("final") else f"{variant} {name}"
             print(f"{label}: {model_dir}", flush=True)
-            rows += compare_model(label, model_dir, run, name, pipe, args.work / variant, patients)
+            rows += compare_model(label, model_dir, run, name, pipe, args.work / variant, patients, test_split, val_split)
             atomic_write_text(args.out, table(rows, len(patients), len(set(patients.values()))))
-    text = table(rows, len(patients), len(set(patients.values())))
-    atomic_write_text(args.out, text)
-    print(text)
-    print(json.dumps({"written": str(args.out)}))
+    publish(args.out, table(rows, len(patients), len(set(patients.values()))))
     return 0
 
 

@@ -449,3 +449,17 @@ def test_flip_tta_bench_table_pairs_plain_and_flip():
     assert "82 held-out test slices" in text and "28 test patients" in text and "(the truth has 3.90)" in text
     assert ("| long_labelled final | 0.5 | 0.600 -> 0.620 | +0.020 | [-0.010, +0.050] | 50 / 30 "
             "| 0.600 -> 0.610 | - | 19.6 -> 20.1 | 3.00 -> 3.50 |") in text
+
+
+def test_openkbp_main_writes_the_table_after_each_run_and_builds_it_once_per_run(tmp_path, monkeypatch, capsys):
+    holdout, out = tmp_path / "holdout", tmp_path / "T.md"
+    holdout.mkdir()
+    (holdout / "holdout.json").write_text("{}")  # made before: make_holdout.py is not run
+    ran, built = [], []
+    monkeypatch.setattr(openkbp_experiments, "run_variant", lambda args, variant: ran.append(variant))
+    monkeypatch.setattr(openkbp_experiments, "table", lambda args: built.append(len(ran)) or f"table after {len(ran)}\n")
+    assert openkbp_experiments.main(["--only", "main", "warmstart", "--holdout", str(holdout), "--out", str(out)]) == 0
+    assert ran == ["main", "warmstart"] and built == [1, 2]  # the last run's table is the one printed
+    assert out.read_text() == "table after 2\n"
+    assert capsys.readouterr().out == f'table after 2\n\n{{"written": "{out}"}}\n'
+    assert openkbp_experiments.main(["--table-only", "--out", str(out)]) == 0 and built == [1, 2, 2]
