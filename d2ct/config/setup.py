@@ -20,12 +20,14 @@ def get_d2ct_cfg() -> CfgNode:
     return add_d2ct_config(get_cfg())
 
 
-def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, freeze: bool = True) -> CfgNode:
+def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, freeze: bool = True,
+              quiet: bool = False) -> CfgNode:
     """Merge ``config_file`` and ``opts`` into the d2ct defaults and adapt to this host.
 
-    A config that asks for CUDA on a host without a GPU runs on the CPU (logged), and mixed
-    precision, which Detectron2 supports on CUDA only, is switched off there.
+    A config that asks for CUDA on a host without a GPU runs on the CPU (logged unless ``quiet``),
+    and mixed precision, which Detectron2 supports on CUDA only, is switched off there.
     """
+    log = logger.debug if quiet else logger.warning
     cfg = get_d2ct_cfg()
     if config_file:
         if not os.path.isfile(config_file):
@@ -46,10 +48,10 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, freeze: bool
         except (KeyError, AssertionError, ValueError) as e:
             raise ConfigError(f"bad override {list(opts)}: {e}") from e
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%s but no CUDA GPU is available: running on the CPU", cfg.MODEL.DEVICE)
+        log("MODEL.DEVICE=%s but no CUDA GPU is available: running on the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        logger.warning("SOLVER.AMP.ENABLED needs CUDA: mixed precision is off on the CPU")
+        log("SOLVER.AMP.ENABLED needs CUDA: mixed precision is off on the CPU")
         cfg.SOLVER.AMP.ENABLED = False
     if cfg.D2CT.BEST_METRIC and "/" not in cfg.D2CT.BEST_METRIC:
         raise ConfigError(f"D2CT.BEST_METRIC must look like 'segm/AP' or 'ct/ARI', got {cfg.D2CT.BEST_METRIC!r}")
