@@ -18,7 +18,7 @@ import sys
 
 from d2ct.errors import D2CTError
 from d2ct.pipeline.config import STAGES, load_pipeline_config
-from d2ct.pipeline.report import print_table
+from d2ct.pipeline.report import format_table
 from d2ct.pipeline.runner import Pipeline
 from d2ct.utils.cli import prog
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         return 2
     if pipeline.is_done("evaluate"):
         print()
-        print(print_table(pipeline))
+        print(format_table(pipeline))
         print(f"\nreport: {pipeline.out / 'report' / 'report.md'}   submission: {pipeline.out / 'submission.csv'}")
     return 0
 
