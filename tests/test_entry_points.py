@@ -102,6 +102,71 @@ def test_python_m_shim_and_console_script_agree(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# run_cli: the one way the commands end
+# ----------------------------------------------------------------------------------------------
+def test_run_cli_statuses(capsys):
+    from d2ct.errors import ConfigError, DataError
+    from d2ct.utils.cli import run_cli
+
+    assert run_cli(lambda: None) == 0 and run_cli(lambda: 3) == 3 and run_cli(lambda: {"AP": 1.0}) == 0
+    assert run_cli(lambda x, y=0: x + y, 1, y=4) == 5
+
+    def bad_input():
+        print("partial output")
+        raise DataError("labels.csv: column 'x' has no image")
+
+    assert run_cli(bad_input) == 2
+    out, err = capsys.readouterr()
+    assert out == "partial output\n" and err == "error: labels.csv: column 'x' has no image\n"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert run_cli(lambda: (_ for _ in ()).throw(ConfigError("--x: bad"))) == 2
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_cli(lambda: 1 / 0)
+
+
+def _python_snippet(code: str, **kwargs) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True, **kwargs)
+
+
+def test_run_cli_ctrl_c_and_closed_pipe_in_a_real_process():
+    import signal
+
+    # Ctrl-C while the command works: one line, status 130, no traceback
+    proc = _python_snippet("import sys, time\nfrom d2ct.utils.cli import run_cli\n"
+                           "def body():\n    print('ready', flush=True)\n    time.sleep(60)\n"
+                           "sys.exit(run_cli(body))", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted\n"
+    # the reader goes away (d2ct-evaluate ... | head -1): quiet, status 141
+    read_end, write_end = os.pipe()
+    proc = _python_snippet("import sys\nfrom d2ct.utils.cli import run_cli\n"
+                           "def body():\n    for i in range(10 ** 6):\n        print('row', i)\n"
+                           "sys.exit(run_cli(body))", stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    with os.fdopen(read_end) as reader:
+        assert reader.readline() == "row 0\n"
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == ""
+
+
+def test_bad_input_through_a_shim_and_python_m(tmp_path):
+    """The same one-line error and status 2 through tools/evaluate.py and python -m."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for cmd in ([sys.executable, str(TOOLS_DIR / "evaluate.py")], [sys.executable, "-m", "d2ct.evaluation.cli"]):
+        proc = subprocess.run([*cmd, "--truth", "missing.csv", "--pred", "missing.csv"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr == "error: missing.csv: labels CSV not found\n", proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
 # a non-editable install, in a fresh virtual environment, run from a folder outside the project
 # ----------------------------------------------------------------------------------------------
 TINY_PIPELINE = [

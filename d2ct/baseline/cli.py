@@ -15,10 +15,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from d2ct.errors import D2CTError
-from d2ct.utils.cli import prog
+from d2ct.utils.cli import prog, run_cli
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -78,43 +76,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show-config", action="store_true", help="print the resolved configuration(s) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        from d2ct.baseline.watershed import PRESETS, compare_configs, get_preset, run_baseline
-        from d2ct.errors import ConfigError
+    return run_cli(_run, args)
 
-        overrides = _parse_set(args.set)
-        if args.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-        presets = list(PRESETS) if args.compare_presets else [args.preset]
-        configs = {name: get_preset(name, **overrides) for name in presets}
-        if args.show_config:
-            print(json.dumps({k: v.as_dict() for k, v in configs.items()}, indent=2))
-            return 0
-        if args.images:
-            if args.compare_presets:
-                raise ConfigError("--compare-presets needs --data (labelled images to score against)")
-            if not args.out:
-                raise ConfigError("--images needs --out (the submission CSV to write)")
-            from d2ct.data.images import list_slices
 
-            names = list_slices(args.images)
-            if args.limit:
-                names = names[: args.limit]
-            t0 = time.perf_counter()
-            names, maps = run_baseline(args.images, args.out, configs[args.preset], names=names,
-                                       workers=args.workers, progress=not args.quiet)
-            dt = time.perf_counter() - t0
-            print(f"wrote {args.out}: {len(names)} images, preset {args.preset}, "
-                  f"{dt:.1f} s ({dt / max(1, len(names)):.3f} s/image), mean {maps.reshape(len(maps), -1).max(1).mean():.1f} regions")
-            return 0
-        rows = compare_configs(args.data, configs, split=args.split, limit=args.limit, workers=args.workers,
-                               out_dir=args.out_dir, submission=args.out, progress=not args.quiet)
-        from d2ct.baseline.watershed import format_comparison
+def _run(args) -> int:
+    from d2ct.baseline.watershed import PRESETS, compare_configs, get_preset, run_baseline
+    from d2ct.errors import ConfigError
 
-        print(format_comparison(rows))
-    except D2CTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    overrides = _parse_set(args.set)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    presets = list(PRESETS) if args.compare_presets else [args.preset]
+    configs = {name: get_preset(name, **overrides) for name in presets}
+    if args.show_config:
+        print(json.dumps({k: v.as_dict() for k, v in configs.items()}, indent=2))
+        return 0
+    if args.images:
+        if args.compare_presets:
+            raise ConfigError("--compare-presets needs --data (labelled images to score against)")
+        if not args.out:
+            raise ConfigError("--images needs --out (the submission CSV to write)")
+        from d2ct.data.images import list_slices
+
+        names = list_slices(args.images)
+        if args.limit:
+            names = names[: args.limit]
+        t0 = time.perf_counter()
+        names, maps = run_baseline(args.images, args.out, configs[args.preset], names=names,
+                                   workers=args.workers, progress=not args.quiet)
+        dt = time.perf_counter() - t0
+        print(f"wrote {args.out}: {len(names)} images, preset {args.preset}, "
+              f"{dt:.1f} s ({dt / max(1, len(names)):.3f} s/image), mean {maps.reshape(len(maps), -1).max(1).mean():.1f} regions")
+        return 0
+    rows = compare_configs(args.data, configs, split=args.split, limit=args.limit, workers=args.workers,
+                           out_dir=args.out_dir, submission=args.out, progress=not args.quiet)
+    from d2ct.baseline.watershed import format_comparison
+
+    print(format_comparison(rows))
     return 0
 
 

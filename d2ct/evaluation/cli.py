@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from d2ct.errors import D2CTError
-from d2ct.utils.cli import prog
+from d2ct.utils.cli import prog, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,40 +40,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from d2ct.evaluation.report import (
-            breakdown,
-            evaluate_csv,
-            format_frame,
-            format_summary,
-            load_manifest,
-            write_report,
-        )
-        from d2ct.errors import ConfigError
+    return run_cli(_run, args)
 
-        if args.group_by and not args.manifest:
-            raise ConfigError("--group-by needs --manifest")
-        manifest = load_manifest(args.manifest) if args.manifest else None
-        if manifest is not None:
-            for col in args.group_by:
-                if col not in manifest.columns:
-                    raise ConfigError(f"--group-by {col!r}: not a column of {args.manifest}")
-        result = evaluate_csv(args.truth, args.pred, shape=args.shape, annotated=args.annotated,
-                              skip_empty=args.skip_empty, with_ap=not args.no_ap, progress=not args.quiet)
-        print(format_summary(result.summary, title=f"{args.pred} vs {args.truth}"))
-        for key in ("skipped_unannotated", "skipped_empty"):
-            if result.info.get(key):
-                print(f"({key.replace('_', ' ')}: {result.info[key]} images)")
+
+def _run(args) -> int:
+    from d2ct.evaluation.report import (
+        breakdown,
+        evaluate_csv,
+        format_frame,
+        format_summary,
+        load_manifest,
+        write_report,
+    )
+    from d2ct.errors import ConfigError
+
+    if args.group_by and not args.manifest:
+        raise ConfigError("--group-by needs --manifest")
+    manifest = load_manifest(args.manifest) if args.manifest else None
+    if manifest is not None:
         for col in args.group_by:
-            print(f"\nby {col}:")
-            print(format_frame(breakdown(result.per_image, manifest, col)))
-        if args.out:
-            paths = write_report(result, args.out, manifest=manifest, group_by=args.group_by,
-                                 title=Path(args.pred).name)
-            print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    except D2CTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            if col not in manifest.columns:
+                raise ConfigError(f"--group-by {col!r}: not a column of {args.manifest}")
+    result = evaluate_csv(args.truth, args.pred, shape=args.shape, annotated=args.annotated,
+                          skip_empty=args.skip_empty, with_ap=not args.no_ap, progress=not args.quiet)
+    print(format_summary(result.summary, title=f"{args.pred} vs {args.truth}"))
+    for key in ("skipped_unannotated", "skipped_empty"):
+        if result.info.get(key):
+            print(f"({key.replace('_', ' ')}: {result.info[key]} images)")
+    for col in args.group_by:
+        print(f"\nby {col}:")
+        print(format_frame(breakdown(result.per_image, manifest, col)))
+    if args.out:
+        paths = write_report(result, args.out, manifest=manifest, group_by=args.group_by,
+                             title=Path(args.pred).name)
+        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

@@ -16,11 +16,10 @@ import argparse
 import logging
 import sys
 
-from d2ct.errors import D2CTError
 from d2ct.pipeline.config import STAGES, load_pipeline_config
 from d2ct.pipeline.report import format_table
 from d2ct.pipeline.runner import Pipeline
-from d2ct.utils.cli import prog
+from d2ct.utils.cli import prog, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(_run, args)
+
+
+def _run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = load_pipeline_config(args.config, args.set)
-        pipeline = Pipeline(cfg, args.config)
-        pipeline.run(from_stage=args.from_stage, until=args.until)
-    except D2CTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_pipeline_config(args.config, args.set)
+    pipeline = Pipeline(cfg, args.config)
+    pipeline.run(from_stage=args.from_stage, until=args.until)
     if pipeline.is_done("evaluate"):
         print()
         print(format_table(pipeline))

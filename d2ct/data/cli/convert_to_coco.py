@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from d2ct.utils.cli import prog
+from d2ct.utils.cli import prog, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,38 +50,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(_run, args)
+
+
+def _run(args) -> int:
     from d2ct.data.challenge import ChallengeDataset
     from d2ct.data.coco import to_coco_json
     from d2ct.data.register import split_dicts
-    from d2ct.errors import ConfigError, D2CTError
+    from d2ct.errors import ConfigError
     from d2ct.utils.fileio import atomic_write_json
 
-    try:
-        if args.workers is not None and args.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-        if args.min_area < 0:
-            raise ConfigError(f"--min-area must be >= 0, got {args.min_area}")
-        dataset = ChallengeDataset.open(
-            args.dataset_dir, image_dir=args.image_dir, labels=args.labels, annotated=args.annotated
-        )
-        if args.split == "test" and dataset.test_split() is None:
-            raise ConfigError(f"--split test: {args.dataset_dir} has no test-images/ folder")
-        dicts = split_dicts(
-            dataset, args.split, val_fraction=args.val_fraction, seed=args.seed, group_by=args.group_by,
-            manifest=args.manifest,
-            split_components=args.split_components, min_area=args.min_area, workers=args.workers,
-            progress=not args.no_progress,
-        )
-        out = Path(args.out)
-        description = (
-            f"d2ct: {Path(args.dataset_dir).name} split={args.split} val_fraction={args.val_fraction} "
-            f"seed={args.seed} group_by={args.group_by} split_components={args.split_components} min_area={args.min_area}"
-        )
-        coco = to_coco_json(dicts, description=description, image_root=out.resolve().parent if args.relative else None)
-        atomic_write_json(out, coco, indent=None)
-    except D2CTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.min_area < 0:
+        raise ConfigError(f"--min-area must be >= 0, got {args.min_area}")
+    dataset = ChallengeDataset.open(
+        args.dataset_dir, image_dir=args.image_dir, labels=args.labels, annotated=args.annotated
+    )
+    if args.split == "test" and dataset.test_split() is None:
+        raise ConfigError(f"--split test: {args.dataset_dir} has no test-images/ folder")
+    dicts = split_dicts(
+        dataset, args.split, val_fraction=args.val_fraction, seed=args.seed, group_by=args.group_by,
+        manifest=args.manifest,
+        split_components=args.split_components, min_area=args.min_area, workers=args.workers,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    description = (
+        f"d2ct: {Path(args.dataset_dir).name} split={args.split} val_fraction={args.val_fraction} "
+        f"seed={args.seed} group_by={args.group_by} split_components={args.split_components} min_area={args.min_area}"
+    )
+    coco = to_coco_json(dicts, description=description, image_root=out.resolve().parent if args.relative else None)
+    atomic_write_json(out, coco, indent=None)
     n_img, n_ann = len(coco["images"]), len(coco["annotations"])
     n_with = len({a["image_id"] for a in coco["annotations"]})
     print(

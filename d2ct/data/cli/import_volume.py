@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from d2ct.errors import D2CTError
-from d2ct.utils.cli import prog
+from d2ct.utils.cli import prog, run_cli
 
 
 def _z_range(text: str) -> tuple[int, int]:
@@ -44,20 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--series", help="SeriesInstanceUID, when the DICOM folder holds several series")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
-    try:
-        from d2ct.data.volumes import import_volume
+    return run_cli(_run, args)
 
-        t0 = time.perf_counter()
-        s = import_volume(args.image, args.out, label_path=args.labels, level=args.level, width=args.width,
-                          size=args.size, step=args.step, z_range=args.z_range, only_labelled=args.only_labelled,
-                          renumber=args.renumber, seed=args.seed, series_uid=args.series, overwrite=args.overwrite)
-        print(f"{s.n_slices} slices of {s.image_shape[0]}x{s.image_shape[1]} px "
-              f"({s.spacing[1]:.3g}x{s.spacing[2]:.3g} mm, slices {s.spacing[0]:.3g} mm; "
-              f"{s.n_labelled} with labels) from a {s.volume_shape} volume -> {s.out_dir} "
-              f"({time.perf_counter() - t0:.1f} s)")
-    except D2CTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    from d2ct.data.volumes import import_volume
+
+    t0 = time.perf_counter()
+    s = import_volume(args.image, args.out, label_path=args.labels, level=args.level, width=args.width,
+                      size=args.size, step=args.step, z_range=args.z_range, only_labelled=args.only_labelled,
+                      renumber=args.renumber, seed=args.seed, series_uid=args.series, overwrite=args.overwrite)
+    print(f"{s.n_slices} slices of {s.image_shape[0]}x{s.image_shape[1]} px "
+          f"({s.spacing[1]:.3g}x{s.spacing[2]:.3g} mm, slices {s.spacing[0]:.3g} mm; "
+          f"{s.n_labelled} with labels) from a {s.volume_shape} volume -> {s.out_dir} "
+          f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -12,10 +12,8 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-from d2ct.errors import D2CTError
-from d2ct.utils.cli import prog
+from d2ct.utils.cli import prog, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,15 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link", action="store_true", help="symbolic links to the source images instead of copies")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
+    return run_cli(_run, args)
+
+
+def _run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from d2ct.data.holdout import make_holdout
 
-    try:
-        summary = make_holdout(args.data, args.out, test_fraction=args.test_fraction, group_by=args.group_by,
-                               seed=args.seed, manifest=args.manifest, link=args.link, overwrite=args.overwrite)
-    except D2CTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = make_holdout(args.data, args.out, test_fraction=args.test_fraction, group_by=args.group_by,
+                           seed=args.seed, manifest=args.manifest, link=args.link, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "test_images"}, indent=2))
     return 0
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from d2ct.errors import D2CTError
-from d2ct.utils.cli import prog
+from d2ct.utils.cli import prog, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,20 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preview", metavar="PNG", help="also draw a grid of labelled slices with their labels to PNG")
     p.add_argument("--preview-n", type=int, default=8, help="slices in the preview (default 8)")
     args = p.parse_args(argv)
-    try:
-        from d2ct.data.phantom import write_phantom_dataset, write_preview
+    return run_cli(_run, args)
 
-        t0 = time.perf_counter()
-        root = write_phantom_dataset(args.out, n_train=args.n_train, n_labelled=args.n_labelled, n_test=args.n_test,
-                                     size=args.size, seed=args.seed, workers=args.workers,
-                                     label_dropout=args.label_dropout, pool_truth=args.pool_truth,
-                                     overwrite=args.overwrite)
-        print(f"phantom data set in {root} ({time.perf_counter() - t0:.1f} s)")
-        if args.preview:
-            print(f"preview: {write_preview(root, args.preview, n=args.preview_n)}")
-    except D2CTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    from d2ct.data.phantom import write_phantom_dataset, write_preview
+
+    t0 = time.perf_counter()
+    root = write_phantom_dataset(args.out, n_train=args.n_train, n_labelled=args.n_labelled, n_test=args.n_test,
+                                 size=args.size, seed=args.seed, workers=args.workers,
+                                 label_dropout=args.label_dropout, pool_truth=args.pool_truth,
+                                 overwrite=args.overwrite)
+    print(f"phantom data set in {root} ({time.perf_counter() - t0:.1f} s)")
+    if args.preview:
+        print(f"preview: {write_preview(root, args.preview, n=args.preview_n)}")
     return 0
 
 
