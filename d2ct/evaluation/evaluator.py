@@ -36,9 +36,10 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from d2ct.errors import DataError
-from d2ct.evaluation.coco_ap import AP_KEYS, coco_ap, encode_masks
+from d2ct.evaluation.coco_ap import AP_KEYS, coco_ap
 from d2ct.evaluation.report import PER_IMAGE_COLUMNS, score_image, summarize
 from d2ct.utils.fileio import atomic_write, atomic_write_json
+from d2ct.utils.masks import encode_masks
 
 try:  # Detectron2 is a hard dependency of the trainer, not of the metric code
     from detectron2.evaluation import DatasetEvaluator
