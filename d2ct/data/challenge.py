@@ -218,12 +218,8 @@ class ChallengeDataset:
             labels_path = found[0] if found else None
         table = None
         if labels_path is not None:
+            # read_labels_csv raises DataError when a file (plain or transposed) has another count
             table = read_labels_csv(labels_path, expected_pixels=shape[0] * shape[1])
-            if table.n_pixels != shape[0] * shape[1]:  # transposed files are checked here
-                raise DataError(
-                    f"{labels_path}: {table.n_pixels} pixels per image, but the images are "
-                    f"{shape[0]}x{shape[1]} = {shape[0] * shape[1]} pixels"
-                )
             if any(c not in name_set for c in table.names) and all(
                 c in name_set or (c.isdigit() and f"{c}.png" in name_set) for c in table.names
             ):  # columns named by bare ids (17 for 17.png), e.g. a transposed file's first column

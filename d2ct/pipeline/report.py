@@ -217,9 +217,10 @@ def _device() -> str:
     return f"CPU ({cpu}, {os.cpu_count()} cores)"
 
 
-def print_table(pipeline) -> str:
+def format_table(pipeline) -> str:
+    """The score table of a finished run (evaluate/table.json), as text."""
     table = read_json(pipeline.out / "evaluate" / "table.json")
     return score_table(table)
 
 
-__all__ = ["write_pipeline_report", "score_table", "print_table"]
+__all__ = ["write_pipeline_report", "score_table", "format_table"]

@@ -45,8 +45,10 @@ from .config import STAGES
 from .provenance import claim_folder, file_sha256, fingerprint
 
 logger = logging.getLogger("d2ct.pipeline")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-TOOLS = PROJECT_ROOT / "tools"
+# the tools the stages run, as modules (``python -m``): no need for the project's tools/ folder,
+# so an installed (non-editable) d2ct runs the pipeline too
+TOOLS = {"train_net.py": "d2ct.engine.train_net", "pseudolabel.py": "d2ct.pseudolabel.cli",
+         "predict.py": "d2ct.engine.predict"}
 
 
 class StageError(D2CTError):
@@ -183,14 +185,15 @@ class Pipeline:
                     shutil.rmtree(d)
 
     def _run_tool(self, tool: str, args: list, log_name: str) -> None:
-        cmd = [self.python, str(TOOLS / tool), *[str(a) for a in args]]
+        cmd = [self.python, "-m", TOOLS[tool], *[str(a) for a in args]]
         log_path = self.out / "logs" / f"{log_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         logger.info("$ %s", " ".join(cmd))
         with open(log_path, "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+            # in the caller's folder: the config's relative paths are relative to it
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             tail = "".join(open(log_path).readlines()[-25:])
             raise StageError(f"{tool} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
