@@ -225,8 +225,8 @@ def test_installed_d2ct_runs_the_pipeline_outside_the_project(installed_venv, tm
     # every tool stage went through python -m with the venv's Python, in the user's folder
     logs = {p.name: p.read_text() for p in (run / "logs").glob("*.log")}
     py = str(installed_venv / "bin" / "python")
-    for log, module in (("r50.log", "d2ct.engine.train_net"), ("final.log", "d2ct.engine.train_net"),
-                        ("pseudolabels.log", "d2ct.pseudolabel.cli"), ("predict_final.log", "d2ct.engine.predict")):
+    for log, module in (("r50.log", "d2ct.engine.train_net"), ("student_r1.log", "d2ct.engine.train_net"),
+                        ("pseudolabels_r1.log", "d2ct.pseudolabel.cli"), ("predict_student_r1.log", "d2ct.engine.predict")):
         assert f"$ {py} -m {module} " in logs[log], log
     assert f"OUTPUT_DIR {out}/radiologists/r50" in logs["r50.log"]
     assert not (ROOT / out).exists()
