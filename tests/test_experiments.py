@@ -100,7 +100,7 @@ def calls(monkeypatch) -> list:
     """The subprocesses the driver would start (none is started); tables not built."""
     calls: list = []
     monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
-    monkeypatch.setattr(tables, "table", lambda exp: f"tables of {len(calls)} commands\n")
+    monkeypatch.setattr(tables, "table", lambda exp: calls.append("table") or f"tables of {len(calls)} calls\n")
     return calls
 
 
@@ -110,7 +110,7 @@ def test_driver_runs_one_pipeline_per_variant_sharing_the_radiologists(tmp_path,
     assert run.main(["--runs", str(runs), "--only", "main", "warmstart_thr09", "--radiologists", "r101", "r50",
                      "--predict-threshold", "val", "--source", str(tmp_path / "src"), "--out", str(out),
                      "--set", f"data.root={holdout}"]) == 0
-    make_holdout, main, thr09 = calls
+    make_holdout, main, _, thr09, _ = calls  # the tables after each run, built once per run
     assert make_holdout[1].endswith("tools/make_holdout.py") and make_holdout[make_holdout.index("--out") + 1] == str(holdout)
     assert make_holdout[make_holdout.index("--data") + 1] == str(tmp_path / "src")
     for cmd, variant in ((main, "main"), (thr09, "warmstart_thr09")):
@@ -122,18 +122,19 @@ def test_driver_runs_one_pipeline_per_variant_sharing_the_radiologists(tmp_path,
         assert sets[-2:] == ["predict.score_threshold=val", f"data.root={holdout}"]
     assert thr09[8:-2] == ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
                            "radiologists.0.threshold=0.9", "radiologists.1.threshold=0.9"]
-    assert out.read_text() == "tables of 3 commands\n" and "tables of 3 commands" in capsys.readouterr().out
+    assert calls[2] == calls[4] == "table"
+    assert out.read_text() == "tables of 5 calls\n" and "tables of 5 calls\n" in capsys.readouterr().out
     # the hold-out exists now: not made again; a taught run needs its teacher's run first
     holdout.mkdir()
     with pytest.raises(SystemExit, match="run --only long_labelled first"):
         run.main(["--runs", str(runs), "--only", "strong_teacher", "--set", f"data.root={holdout}", "--out", str(out)])
-    assert len(calls) == 3
+    assert len(calls) == 5
     _trained(runs / "long_labelled" / "student_r1")
     run.main(["--runs", str(runs), "--only", "strong_teacher", "--set", f"data.root={holdout}", "--out", str(out)])
-    assert f"radiologists=[{{name: r50_2400, dir: '{runs / 'long_labelled' / 'student_r1'}', threshold: 0.8}}]" in calls[-1]
+    assert f"radiologists=[{{name: r50_2400, dir: '{runs / 'long_labelled' / 'student_r1'}', threshold: 0.8}}]" in calls[-2]
     # --table-only runs nothing; bad options are usage errors
     run.main(["--runs", str(runs), "--table-only", "--out", str(out)])
-    assert len(calls) == 4
+    assert len(calls) == 8 and calls[-1] == "table"
     with pytest.raises(SystemExit, match="--only: nope not in"):
         run.main(["--only", "nope", "--table-only"])
     with pytest.raises(SystemExit, match="--radiologists: nope not in"):
