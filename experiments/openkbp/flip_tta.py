@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +128,7 @@ def _pair(values, digits: int = 3) -> str:
     return "-" if a is None or b is None else f"{a:.{digits}f} -> {b:.{digits}f}"
 
 
-def table(rows: list[dict], n_slices: int, n_patients: int) -> str:
+def table(rows: list[dict], n_slices: int, n_patients: int, unit: str = "patients") -> str:
     truth_structures = rows[0]["truth_structures"] if rows else float("nan")
     lines = ["# Horizontal-flip test-time augmentation on OpenKBP", "",
              "Written by `experiments/openkbp/flip_tta.py` (commands in experiments/openkbp/README.md). Each model "
@@ -136,7 +137,7 @@ def table(rows: list[dict], n_slices: int, n_patients: int) -> str:
              "structures / slice: after flattening at that threshold (the truth has "
              f"{truth_structures:.2f}). "
              f"Difference: per-slice ARI (all pixels), flip minus plain; 95% interval from 10,000 bootstrap "
-             f"resamples of the {n_patients} test patients (seed 0).", "",
+             f"resamples of the {n_patients} test {unit} (seed 0).", "",
              "| model | threshold | ARI (all pixels) | flip - plain | 95% interval | slices better / worse | Dice "
              "| recall@0.5 | mask AP | structures / slice |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", default=list(DEFAULT_RUNS),
                    help="runs whose final models are scored (default: %(default)s); the radiologists of the "
                         "first are scored too")
+    p.add_argument("--set", dest="extra", nargs="+", default=[], metavar="KEY=VALUE", help="as given to run.py")
     p.add_argument("--work", type=Path, help="predictions go here (default: <runs>/flip_tta)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "OPENKBP_flip_tta.md")
     args = p.parse_args(argv)
@@ -166,8 +168,10 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--only: {', '.join(unknown)} not in {args.variants}")
     exp = Experiment(runs=args.runs.expanduser().resolve(), config=args.config, spec=spec,
-                     teachers=radiologist_subset(args.config, args.radiologists))
-    work = args.work or exp.runs / "flip_tta"
+                     teachers=radiologist_subset(args.config, args.radiologists), extra=args.extra)
+    work = args.work.resolve() if args.work else exp.runs / "flip_tta"
+    args.out = args.out.resolve()
+    os.chdir(ROOT)  # the pipeline config's paths are relative to the project
     runs, rows, seen = Runs(exp), [], set()
     for i, variant in enumerate(args.only):
         run = exp.run_dir(variant)
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
         if pipe is None or not (pipe.student_dir(pipe.rounds()) / "model_final.pth").exists():
             raise SystemExit(f"{run}: not a finished run (python experiments/openkbp/run.py --only {variant} first)")
         if i == 0:
-            patients, _ = runs.groups()
+            patients, unit = runs.groups()
         models = pipe.models() if i == 0 else [m for m in pipe.models() if m[0] == pipe.final_model_name()]
         test_split, val_split = splits(pipe)
         for name, model_dir in models:
@@ -185,8 +189,8 @@ def main(argv=None) -> int:
             label = f"{variant} {name}" if name.startswith("student_r") else name
             print(f"{label}: {model_dir}", flush=True)
             rows += compare_model(label, model_dir, run, name, pipe, work / variant, patients, test_split, val_split)
-            atomic_write_text(args.out, table(rows, len(patients), len(set(patients.values()))))
-    publish(args.out, table(rows, len(patients), len(set(patients.values()))))
+            atomic_write_text(args.out, table(rows, len(patients), len(set(patients.values())), unit))
+    publish(args.out, table(rows, len(patients), len(set(patients.values())), unit))
     return 0
 
 
