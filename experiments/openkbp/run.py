@@ -204,7 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="extra", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more pipeline overrides for every run, after the variant's")
     p.add_argument("--table-only", action="store_true", help="write the tables from the run folders; run nothing")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "OPENKBP.md")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "OPENKBP.md", help="the results file (default: %(default)s)")
     return p.parse_args(argv)
 
 
