@@ -1,32 +1,36 @@
 #!/usr/bin/env python
 """Horizontal-flip test-time augmentation on OpenKBP: does it help the trained models?
 
-For the radiologists and the final model of each run named (runs of bench/openkbp_experiments.py,
-trained before; nothing is trained here), the test and validation slices are predicted again with
-``--flip-tta`` (each slice and its mirror image, masks fused; d2ct/engine/predictor.py
-``fuse_views``) into ``--work`` and scored against the same slices without it. The plain
-predictions are the run's own saved instances where they match the checkpoint (otherwise they are
-predicted too). Both are flattened the same way: at score 0.5, and at each model's own threshold
-chosen on the validation split (a fused instance seen in one view only gets half its score, so the
-two are calibrated differently). Per-slice ARI differences (flip minus plain) get a 95% interval
-from a bootstrap over the test patients. Resumable: finished predictions are reused.
+For the radiologists and the final model of each run named (run folders of
+experiments/openkbp/run.py, trained before; nothing is trained here), the test and validation
+slices are predicted again with ``--flip-tta`` (each slice and its mirror image, masks fused;
+d2ct/engine/predictor.py ``fuse_views``) into ``--work`` and scored against the same slices without
+it. The plain predictions are the run's own saved instances (``predict/<model>_instances.json``)
+where they match the checkpoint (otherwise they are predicted too). Both are flattened the same
+way: at score 0.5, and at each model's own threshold chosen on the validation split (a fused
+instance seen in one view only gets half its score, so the two are calibrated differently).
+Per-slice ARI differences (flip minus plain) get a 95% interval from a bootstrap over the test
+patients. Resumable: finished predictions are reused.
 
-  python bench/openkbp_flip_tta.py --radiologists r50 r101 --only long_labelled strong_teacher
+  python experiments/openkbp/flip_tta.py --radiologists r50 r101 --only long_labelled strong_teacher
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from bench.openkbp_experiments import (VARIANTS, patient_bootstrap, pipeline_sets, publish,  # noqa: E402
-                                       run_dir, teacher_tag, test_patients)
 from d2ct.utils.fileio import atomic_write_text  # noqa: E402
+from experiments.openkbp.run import Experiment, load_variants, radiologist_subset  # noqa: E402
+from experiments.openkbp.tables import Runs, patient_bootstrap, publish  # noqa: E402
 
 FIXED_THRESHOLD = 0.5  # the pipeline's default predict.score_threshold: the bench files' first policy
 DEFAULT_RUNS = ("warmstart_labelled", "long_labelled", "long_consensus", "strong_teacher", "strong_teacher_labelled")
@@ -124,16 +128,16 @@ def _pair(values, digits: int = 3) -> str:
     return "-" if a is None or b is None else f"{a:.{digits}f} -> {b:.{digits}f}"
 
 
-def table(rows: list[dict], n_slices: int, n_patients: int) -> str:
+def table(rows: list[dict], n_slices: int, n_patients: int, unit: str = "patients") -> str:
     truth_structures = rows[0]["truth_structures"] if rows else float("nan")
     lines = ["# Horizontal-flip test-time augmentation on OpenKBP", "",
-             "Written by `bench/openkbp_flip_tta.py` (command in its docstring and the README). Each model "
+             "Written by `experiments/openkbp/flip_tta.py` (commands in experiments/openkbp/README.md). Each model "
              f"scored on the {n_slices} held-out test slices without and with flip TTA (plain -> flip); "
              f"threshold: {FIXED_THRESHOLD:g} for both, or each one's own chosen on the validation split (val: plain / flip); "
              "structures / slice: after flattening at that threshold (the truth has "
              f"{truth_structures:.2f}). "
              f"Difference: per-slice ARI (all pixels), flip minus plain; 95% interval from 10,000 bootstrap "
-             f"resamples of the {n_patients} test patients (seed 0).", "",
+             f"resamples of the {n_patients} test {unit} (seed 0).", "",
              "| model | threshold | ARI (all pixels) | flip - plain | 95% interval | slices better / worse | Dice "
              "| recall@0.5 | mask AP | structures / slice |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -146,43 +150,47 @@ def table(rows: list[dict], n_slices: int, n_patients: int) -> str:
 
 
 def main(argv=None) -> int:
-    from d2ct.pipeline.config import load_pipeline_config
-    from d2ct.pipeline.runner import Pipeline
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", default="configs/cpu/pipeline_openkbp.yaml")
-    p.add_argument("--output", default="output/cpu_pipeline", help="the main run's output_dir")
-    p.add_argument("--holdout", type=Path, default=ROOT / "datasets/openkbp_holdout")
-    p.add_argument("--radiologists", nargs="+", metavar="NAME", help="as given to bench/openkbp_experiments.py")
-    p.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_RUNS),
+    p.add_argument("--variants", type=Path, default=HERE / "variants.yaml")
+    p.add_argument("--runs", type=Path, default=Path.home() / "d2ct-runs" / "openkbp", help="as given to run.py")
+    p.add_argument("--radiologists", nargs="+", metavar="NAME", help="as given to run.py")
+    p.add_argument("--only", nargs="+", default=list(DEFAULT_RUNS),
                    help="runs whose final models are scored (default: %(default)s); the radiologists of the "
                         "first are scored too")
-    p.add_argument("--work", type=Path, default=ROOT / "output" / "flip_tta", help="predictions go here")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "OPENKBP_flip_tta.md")
+    p.add_argument("--set", dest="extra", nargs="+", default=[], metavar="KEY=VALUE", help="as given to run.py")
+    p.add_argument("--work", type=Path, help="predictions go here (default: <runs>/flip_tta)")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "OPENKBP_flip_tta.md")
     args = p.parse_args(argv)
-
-    patients = test_patients(args)
-    if not patients:
-        raise SystemExit(f"{args.holdout / 'manifest.csv'}: no held-out test slices (run bench/openkbp_experiments.py first)")
-    tag, rows, seen = teacher_tag(args), [], set()
+    spec = load_variants(args.variants)
+    unknown = sorted(set(args.only) - set(spec["variants"]))
+    if unknown:
+        raise SystemExit(f"--only: {', '.join(unknown)} not in {args.variants}")
+    exp = Experiment(runs=args.runs.expanduser().resolve(), config=args.config, spec=spec,
+                     teachers=radiologist_subset(args.config, args.radiologists), extra=args.extra)
+    work = args.work.resolve() if args.work else exp.runs / "flip_tta"
+    args.out = args.out.resolve()
+    os.chdir(ROOT)  # the pipeline config's paths are relative to the project
+    runs, rows, seen = Runs(exp), [], set()
     for i, variant in enumerate(args.only):
-        run = run_dir(Path(args.output), variant, tag)
-        if not (run / "stages" / "final.json").exists():
-            raise SystemExit(f"{run}: the run has no trained final model (run bench/openkbp_experiments.py "
-                             f"--only {variant} first)")
-        pipe = Pipeline(load_pipeline_config(str(ROOT / args.config), pipeline_sets(args, variant)))
-        models = pipe.models() if i == 0 else [m for m in pipe.models() if m[0].startswith("final")]
+        run = exp.run_dir(variant)
+        pipe = runs.pipeline(variant) if (run / "evaluate" / "table.json").exists() else None
+        if pipe is None or not (pipe.student_dir(pipe.rounds()) / "model_final.pth").exists():
+            raise SystemExit(f"{run}: not a finished run (python experiments/openkbp/run.py --only {variant} first)")
+        if i == 0:
+            patients, unit = runs.groups()
+        models = pipe.models() if i == 0 else [m for m in pipe.models() if m[0] == pipe.final_model_name()]
         test_split, val_split = splits(pipe)
         for name, model_dir in models:
             if model_dir.resolve() in seen:  # a teacher that is another run's final model
                 continue
             seen.add(model_dir.resolve())
-            label = name if not name.startswith("final") else f"{variant} {name}"
+            label = f"{variant} {name}" if name.startswith("student_r") else name
             print(f"{label}: {model_dir}", flush=True)
-            rows += compare_model(label, model_dir, run, name, pipe, args.work / variant, patients, test_split, val_split)
-            atomic_write_text(args.out, table(rows, len(patients), len(set(patients.values()))))
-    publish(args.out, table(rows, len(patients), len(set(patients.values()))))
+            rows += compare_model(label, model_dir, run, name, pipe, work / variant, patients, test_split, val_split)
+            atomic_write_text(args.out, table(rows, len(patients), len(set(patients.values())), unit))
+    publish(args.out, table(rows, len(patients), len(set(patients.values())), unit))
     return 0
 
 

@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""The OpenKBP experiments: every variant of experiments/openkbp/variants.yaml through the pipeline.
+
+For each variant chosen, one ``tools/run_pipeline.py --config configs/cpu/pipeline_openkbp.yaml
+--set output_dir=<runs>/<variant> radiologists_dir=<runs>/radiologists <the variant's sets>``
+subprocess, in order; then the tables (experiments/openkbp/tables.py) over every run folder. All
+variants share the radiologists of ``<runs>/radiologists``: the first run trains them, the others
+reuse them (the pipeline never retrains or removes a shared model; one made with other settings is
+an error). Resumable: run the same command again after a kill and the pipeline skips what is
+finished. The held-out test patients (tools/make_holdout.py, seed 0) are prepared first when the
+config's data.root does not exist yet.
+
+  python experiments/openkbp/run.py --only main thr05
+  python experiments/openkbp/run.py --radiologists r50 r101 --only warmstart_labelled warmstart
+      # two of the three teachers: run folders <variant>_r50+r101
+  python experiments/openkbp/run.py --radiologists r50 r101 --predict-threshold val --out T.md --table-only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SOURCE = Path("/work/shared/data/openkbp_fewshot")
+VARIANTS_FILE = HERE / "variants.yaml"
+REFERENCE = re.compile(r"@(\w+)")  # "@<variant>": that variant's run folder
+
+
+def _flat(items) -> list:
+    """A variant's sets, with a YAML alias of another variant's sets (a nested list) spliced in."""
+    return [x for item in items for x in (_flat(item) if isinstance(item, list) else [item])]
+
+
+def load_variants(path: Path = VARIANTS_FILE) -> dict:
+    """{"reference": name, "variants": {name: {"sets": [...], "control": name | None}}}, checked:
+    every control, reference and @-reference names a variant."""
+    where = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"{where}: cannot read the variants ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("variants"), dict) or not data["variants"]:
+        raise SystemExit(f"{where}: expected a mapping with a non-empty 'variants' mapping")
+    variants = {}
+    for name, v in data["variants"].items():
+        if not re.fullmatch(r"\w+", str(name)) or not isinstance(v, dict) or set(v) - {"sets", "control"}:
+            raise SystemExit(f"{where}: variant {name!r}: expected a name of letters, digits and _ with "
+                             "'sets' (a list of KEY=VALUE) and an optional 'control'")
+        sets = _flat(v.get("sets") or [])
+        if not all(isinstance(s, str) and "=" in s for s in sets):
+            raise SystemExit(f"{where}: variant {name}: every item of 'sets' must be a KEY=VALUE string")
+        variants[name] = {"sets": sets, "control": v.get("control")}
+    named = [("reference", data.get("reference"))] if data.get("reference") else []
+    for name, v in variants.items():
+        named += [(f"{name}.control", v["control"])] if v["control"] else []
+        named += [(f"{name}.sets", m) for s in v["sets"] for m in REFERENCE.findall(s)]
+    for what, other in named:
+        if other not in variants:
+            raise SystemExit(f"{where}: {what} names {other!r}, which is not a variant")
+    return {"reference": data.get("reference"), "variants": variants}
+
+
+def radiologist_subset(config: str, wanted: list[str] | None) -> list[dict] | None:
+    """The config's radiologists named by --radiologists (in config order); None for all."""
+    if not wanted:
+        return None
+    config_rads = yaml.safe_load((ROOT / config).read_text())["radiologists"]
+    unknown = sorted(set(wanted) - {r["name"] for r in config_rads})
+    if unknown:
+        raise SystemExit(f"--radiologists: {', '.join(unknown)} not in {config} "
+                         f"({', '.join(r['name'] for r in config_rads)})")
+    return [r for r in config_rads if r["name"] in wanted]
+
+
+@dataclass
+class Experiment:
+    """Where the runs lie and the settings every run gets (the command line of this driver)."""
+    runs: Path
+    config: str = "configs/cpu/pipeline_openkbp.yaml"
+    spec: dict = field(default_factory=load_variants)
+    teachers: list[dict] | None = None  # a --radiologists subset, or None: the config's
+    predict_threshold: str | None = None
+    extra: list[str] = field(default_factory=list)  # --set: after everything else, for every run
+
+    @property
+    def variants(self) -> dict:
+        return self.spec["variants"]
+
+    @property
+    def tag(self) -> str:
+        return "_" + "+".join(r["name"] for r in self.teachers) if self.teachers else ""
+
+    def run_dir(self, variant: str) -> Path:
+        return self.runs / f"{variant}{self.tag}"
+
+    def sets(self, variant: str) -> list[str]:
+        """The run_pipeline.py --set items of one variant's run."""
+        sets = [f"output_dir={self.run_dir(variant)}", f"radiologists_dir={self.runs / 'radiologists'}"]
+        if self.teachers:  # first: the variant's own radiologists= or radiologists.*. apply after it
+            sets.append("radiologists=" + json.dumps(self.teachers))
+        n_teachers = len(self.teachers or yaml.safe_load((ROOT / self.config).read_text())["radiologists"])
+        for item in self.variants[variant]["sets"]:
+            item = REFERENCE.sub(lambda m: str(self.run_dir(m[1])), item)
+            if item.startswith("radiologists.*."):
+                own = [s for s in self.variants[variant]["sets"] if s.startswith("radiologists=")]
+                count = len(yaml.safe_load(own[-1].split("=", 1)[1])) if own else n_teachers
+                sets += [item.replace("*", str(i), 1) for i in range(count)]
+            else:
+                sets.append(item)
+        if self.predict_threshold is not None:
+            sets.append(f"predict.score_threshold={self.predict_threshold}")
+        return sets + list(self.extra)
+
+    def pipeline_config(self, variant: str) -> dict:
+        from d2ct.pipeline.config import load_pipeline_config
+
+        return load_pipeline_config(str(ROOT / self.config), self.sets(variant))
+
+    def needs(self, variant: str) -> list[tuple[str, Path]]:
+        """(variant, folder) of every other run's output a variant's settings name (``@X/...``)."""
+        found = []
+        for item in self.variants[variant]["sets"]:
+            found += [(m[1], self.run_dir(m[1]) / m[2]) for m in re.finditer(r"@(\w+)/([\w./-]+)", item)]
+        return found
+
+    def taught_by(self) -> dict[str, list[str]]:
+        """teacher variant -> the variants whose radiologist is one of its models (``dir: '@X/...'``)."""
+        runs: dict[str, list[str]] = {}
+        for variant, v in self.variants.items():
+            for item in v["sets"]:
+                for teacher in re.findall(r"dir:\s*['\"]?@(\w+)/", item) if item.startswith("radiologists=") else []:
+                    runs.setdefault(teacher, []).append(variant)
+        return runs
+
+
+def command(exp: Experiment, variant: str) -> list[str]:
+    return [sys.executable, str(ROOT / "tools/run_pipeline.py"), "--config", exp.config, "--set", *exp.sets(variant)]
+
+
+def run_variant(exp: Experiment, variant: str) -> None:
+    for other, folder in exp.needs(variant):
+        if not (folder / "model_final.pth").exists():
+            raise SystemExit(f"{variant} needs {folder} (a model of the run {other}): run --only {other} first")
+    cmd = command(exp, variant)
+    print(f"[openkbp] {variant}: $ {' '.join(cmd)}", flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"[openkbp] {variant}: tools/run_pipeline.py failed (exit {proc.returncode}); "
+                         f"its logs: {exp.run_dir(variant) / 'logs'}")
+    print(f"[openkbp] {variant}: done in {(time.time() - start) / 3600:.2f} h", flush=True)
+
+
+def prepare_holdout(exp: Experiment, source: Path) -> None:
+    """tools/make_holdout.py from ``source`` into the config's data.root, when that does not exist
+    (make_holdout writes its folder whole, so an existing one is finished)."""
+    from d2ct.pipeline.config import load_pipeline_config
+
+    root = Path(load_pipeline_config(str(ROOT / exp.config), exp.extra)["data"]["root"])
+    root = root if root.is_absolute() else ROOT / root
+    if root.exists():
+        return
+    subprocess.run([sys.executable, str(ROOT / "tools/make_holdout.py"), "--data", str(source), "--out", str(root),
+                    "--test-fraction", "0.2", "--group-by", "patient", "--seed", "0"], cwd=ROOT, check=True)
+
+
+def _threshold(text: str) -> str:
+    if text != "val":
+        try:
+            if not 0 <= float(text) <= 1:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a score in [0, 1] or val, got {text!r}") from None
+    return text
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/cpu/pipeline_openkbp.yaml", help="the pipeline config every run starts from")
+    p.add_argument("--variants", type=Path, default=VARIANTS_FILE, help="the variants file (default: %(default)s)")
+    p.add_argument("--runs", type=Path, default=Path.home() / "d2ct-runs" / "openkbp",
+                   help="run folders: <runs>/<variant>, shared radiologists in <runs>/radiologists (default: %(default)s)")
+    p.add_argument("--source", type=Path, default=SOURCE, help="the OpenKBP few-shot folder the hold-out is made from")
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="variants to run, in this order (default: all)")
+    p.add_argument("--radiologists", nargs="+", metavar="NAME",
+                   help="only these radiologists of the config; run folders get the suffix _<names>")
+    p.add_argument("--predict-threshold", type=_threshold, metavar="SCORE|val",
+                   help="predict.score_threshold of every run; val: each model's own, chosen on the validation "
+                        "split (only predict, evaluate and report run again)")
+    p.add_argument("--set", dest="extra", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more pipeline overrides for every run, after the variant's")
+    p.add_argument("--table-only", action="store_true", help="write the tables from the run folders; run nothing")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "OPENKBP.md", help="the results file (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from experiments.openkbp import tables
+
+    args = parse_args(argv)
+    args.out, args.source = args.out.resolve(), args.source.resolve()
+    spec = load_variants(args.variants.resolve())
+    unknown = sorted(set(args.only or ()) - set(spec["variants"]))
+    if unknown:
+        raise SystemExit(f"--only: {', '.join(unknown)} not in {args.variants} ({', '.join(spec['variants'])})")
+    exp = Experiment(runs=args.runs.expanduser().resolve(), config=args.config, spec=spec,
+                     teachers=radiologist_subset(args.config, args.radiologists),
+                     predict_threshold=args.predict_threshold, extra=args.extra)
+    os.chdir(ROOT)  # the pipeline config's paths (configs/..., datasets/...) are relative to the project
+    text = None
+    if not args.table_only:
+        prepare_holdout(exp, args.source)
+        for variant in args.only or list(spec["variants"]):
+            run_variant(exp, variant)
+            text = tables.table(exp)  # after each run: a long session keeps its tables so far
+            tables.publish(args.out, text, quiet=True)
+    tables.publish(args.out, text if text is not None else tables.table(exp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

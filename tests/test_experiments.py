@@ -1,0 +1,361 @@
+"""experiments/openkbp: the variants file, the driver's pipeline command lines, the tables from
+run folders (hand-made here), the flip-TTA bench's parts, and one real run of the driver through
+the pipeline on a tiny phantom (two variants sharing their radiologists)."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from d2ct.pipeline.config import load_pipeline_config  # noqa: E402
+from experiments.openkbp import run, tables  # noqa: E402
+
+from .conftest import TINY_OPTS  # noqa: E402
+
+# the variants of the old bench/openkbp_experiments.py, every one kept
+OLD_VARIANTS = ["main", "consensus", "rounds2", "thr05", "warmstart", "warmstart_labelled", "warmstart_repeat3",
+                "warmstart_thr09", "warmstart_ignore", "warmstart_consensus", "warmstart_rounds2",
+                "warmstart_thr09_ignore", "warmstart_thr095", "warmstart_thr09_repeat3", "long_labelled", "long_thr09",
+                "long_consensus", "long_labelled_seed7", "strong_teacher", "strong_teacher_labelled",
+                "strong_teacher_seed7", "strong_teacher_labelled_seed7", "second_generation",
+                "second_generation_labelled"]
+
+
+def _trained(folder: Path) -> Path:
+    """A folder that passes for a finished training (config.yaml, model_final.pth)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 600\n")
+    (folder / "model_final.pth").write_bytes(b"weights")
+    return folder
+
+
+def _experiment(tmp_path: Path, subset=None, **kw) -> run.Experiment:
+    teachers = run.radiologist_subset("configs/cpu/pipeline_openkbp.yaml", subset)
+    return run.Experiment(runs=tmp_path / "runs", teachers=teachers, **kw)
+
+
+@pytest.mark.parametrize("subset", [None, ["r50", "r101"]])
+def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
+    exp = _experiment(tmp_path, subset, predict_threshold="val")
+    assert list(exp.variants) == OLD_VARIANTS and exp.spec["reference"] == "warmstart_labelled"
+    for variant in exp.variants:  # the models other variants name by "@<variant>/..."
+        for _, folder in exp.needs(variant):
+            _trained(folder)
+    names = [r["name"] for r in exp.teachers] if subset else ["r50", "r101", "x101"]
+    configs = {}
+    for variant in exp.variants:
+        cfg = configs[variant] = exp.pipeline_config(variant)
+        assert cfg["output_dir"] == str(tmp_path / "runs" / f"{variant}{exp.tag}")
+        assert cfg["radiologists_dir"] == str(tmp_path / "runs" / "radiologists")  # shared by every run
+        assert cfg["predict"]["score_threshold"] == "val"
+        if any(s.startswith("radiologists=") for s in exp.variants[variant]["sets"]):
+            [teacher] = cfg["radiologists"]
+            assert teacher["dir"].startswith(str(tmp_path / "runs")) and teacher["threshold"] == 0.8
+        else:
+            assert [r["name"] for r in cfg["radiologists"]] == names, variant
+    assert {r["threshold"] for r in configs["warmstart_thr09"]["radiologists"]} == {0.9}
+    assert configs["thr05"]["radiologists"][-1]["threshold"] == 0.5
+    assert configs["strong_teacher"]["radiologists"][0]["dir"] == str(
+        tmp_path / "runs" / f"long_labelled{exp.tag}" / "student_r1")
+    assert configs["rounds2"]["pseudolabel"]["rounds"] == 2 and configs["strong_teacher_seed7"]["final"]["opts"] == ["SEED", 7]
+    # a control is the labelled-only run of the same start and schedule (the equal-compute pair)
+    for variant, v in exp.variants.items():
+        if v["control"]:
+            control, cfg = configs[v["control"]], configs[variant]
+            assert control["final"]["pseudo_labels"] is False, variant
+            assert cfg["final"]["pseudo_labels"] is (variant != "long_labelled_seed7"), variant  # a seed repeat
+            for key in ("config", "init"):
+                assert control["final"][key] == cfg["final"][key], (variant, key)
+            assert [r["name"] for r in control["radiologists"]] == [r["name"] for r in cfg["radiologists"]], variant
+    assert exp.taught_by() == {"long_labelled": ["strong_teacher", "strong_teacher_labelled", "strong_teacher_seed7",
+                                                 "strong_teacher_labelled_seed7"],
+                               "strong_teacher": ["second_generation", "second_generation_labelled"]}
+
+
+def test_variants_file_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "v.yaml"
+    bad.write_text("variants:\n  a: {sets: [final.init=best], control: nope}\n")
+    with pytest.raises(SystemExit, match="a.control names 'nope', which is not a variant"):
+        run.load_variants(bad)
+    bad.write_text("variants:\n  a: {sets: [\"radiologists=[{name: t, dir: '@b/student_r1'}]\"]}\n")
+    with pytest.raises(SystemExit, match="a.sets names 'b'"):
+        run.load_variants(bad)
+    bad.write_text("variants:\n  a: {sets: [final.init]}\n")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        run.load_variants(bad)
+    bad.write_text("reference: x\nvariants:\n  a: {sets: []}\n")
+    with pytest.raises(SystemExit, match="reference names 'x'"):
+        run.load_variants(bad)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """The subprocesses the driver would start (none is started); tables not built."""
+    calls: list = []
+    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(tables, "table", lambda exp: calls.append("table") or f"tables of {len(calls)} calls\n")
+    return calls
+
+
+def test_driver_runs_one_pipeline_per_variant_sharing_the_radiologists(tmp_path, calls, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "T.md"
+    holdout = tmp_path / "holdout"
+    assert run.main(["--runs", str(runs), "--only", "main", "warmstart_thr09", "--radiologists", "r101", "r50",
+                     "--predict-threshold", "val", "--source", str(tmp_path / "src"), "--out", str(out),
+                     "--set", f"data.root={holdout}"]) == 0
+    make_holdout, main, _, thr09, _ = calls  # the tables after each run, built once per run
+    assert make_holdout[1].endswith("tools/make_holdout.py") and make_holdout[make_holdout.index("--out") + 1] == str(holdout)
+    assert make_holdout[make_holdout.index("--data") + 1] == str(tmp_path / "src")
+    for cmd, variant in ((main, "main"), (thr09, "warmstart_thr09")):
+        assert cmd[:5] == [sys.executable, str(ROOT / "tools/run_pipeline.py"), "--config",
+                           "configs/cpu/pipeline_openkbp.yaml", "--set"]
+        sets = cmd[5:]
+        assert sets[:2] == [f"output_dir={runs / variant}_r50+r101", f"radiologists_dir={runs / 'radiologists'}"]
+        assert [r["name"] for r in json.loads(sets[2].split("=", 1)[1])] == ["r50", "r101"]  # config order
+        assert sets[-2:] == ["predict.score_threshold=val", f"data.root={holdout}"]
+    assert thr09[8:-2] == ["final.config=configs/cpu/final_warmstart.yaml", "final.init=best",
+                           "radiologists.0.threshold=0.9", "radiologists.1.threshold=0.9"]
+    assert calls[2] == calls[4] == "table"
+    assert out.read_text() == "tables of 5 calls\n" and "tables of 5 calls\n" in capsys.readouterr().out
+    # the hold-out exists now: not made again; a taught run needs its teacher's run first
+    holdout.mkdir()
+    with pytest.raises(SystemExit, match="run --only long_labelled first"):
+        run.main(["--runs", str(runs), "--only", "strong_teacher", "--set", f"data.root={holdout}", "--out", str(out)])
+    assert len(calls) == 5
+    _trained(runs / "long_labelled" / "student_r1")
+    run.main(["--runs", str(runs), "--only", "strong_teacher", "--set", f"data.root={holdout}", "--out", str(out)])
+    assert f"radiologists=[{{name: r50_2400, dir: '{runs / 'long_labelled' / 'student_r1'}', threshold: 0.8}}]" in calls[-2]
+    # --table-only runs nothing; bad options are usage errors
+    run.main(["--runs", str(runs), "--table-only", "--out", str(out)])
+    assert len(calls) == 8 and calls[-1] == "table"
+    with pytest.raises(SystemExit, match="--only: nope not in"):
+        run.main(["--only", "nope", "--table-only"])
+    with pytest.raises(SystemExit, match="--radiologists: nope not in"):
+        run.main(["--radiologists", "nope", "--table-only"])
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--predict-threshold", "1.5", "--table-only"])
+    assert exc.value.code == 2
+
+
+def test_driver_stops_when_a_pipeline_run_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2))
+    exp = _experiment(tmp_path)
+    with pytest.raises(SystemExit, match="main: tools/run_pipeline.py failed \\(exit 2\\); its logs: .*main/logs"):
+        run.run_variant(exp, "main")
+
+
+# ------------------------------------------------------------------------------------------------
+# tables from hand-made run folders
+# ------------------------------------------------------------------------------------------------
+def _holdout(tmp_path: Path) -> Path:
+    """A data set folder as make_holdout leaves it: 6 test slices of 3 patients, their truth."""
+    root = tmp_path / "holdout"
+    root.mkdir()
+    (root / "manifest.csv").write_text("holdout,file,patient\n" + "".join(
+        f"test,{i}.png,pt_{i // 2}\n" for i in range(6)) + "train,9.png,pt_9\n")
+    (root / "test-labels.csv.gz").write_bytes(gzip.compress(b"pixel,0.png,1.png\n0,1,0\n1,0,2\n2,0,0\n"))
+    return root
+
+
+def _run(exp: run.Experiment, variant: str, scores: dict[str, list[float]], extra_rows=()) -> Path:
+    """A finished run folder: table.json, per-slice scores, data summary (made-up numbers)."""
+    out = exp.run_dir(variant)
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "summary.json").write_text(json.dumps(
+        {"root": "datasets/x", "splits": {"train": {"images": 8}, "val": {"images": 2}, "test": {"images": 6}}}))
+    rows = [*extra_rows]
+    for model, aris in scores.items():
+        d = out / "evaluate" / model
+        d.mkdir(parents=True)
+        (d / "per_image.csv").write_text("name,ARI\n" + "".join(f"{i}.png,{a}\n" for i, a in enumerate(aris)))
+        rows.append({"model": model, "ARI": sum(aris) / len(aris), "AP": 10.0})
+    (out / "evaluate" / "table.json").write_text(json.dumps(rows))
+    return out
+
+
+def test_tables_from_run_folders(tmp_path):
+    holdout = _holdout(tmp_path)
+    exp = _experiment(tmp_path, ["r50", "r101"], extra=[f"data.root={holdout}"])
+    assert tables.table(exp).count("| run | model |") == 1  # nothing has run: an empty score table
+    base = [{"model": "baseline", "ARI": 0.1}]
+    first = _run(exp, "warmstart", {"r50": [0.4] * 6, "r101": [0.3] * 6, "student_r1": [0.6] * 6}, base)
+    _run(exp, "warmstart_labelled", {"r50": [0.4] * 6, "r101": [0.3] * 6, "student_r1": [0.5] * 6}, base)
+    _run(exp, "long_labelled", {"r50": [0.4] * 6, "student_r1": [0.7] * 6})
+    _run(exp, "long_thr09", {"r50": [0.4] * 6, "student_r1": [0.65] * 6})
+    _run(exp, "warmstart_rounds2", {"student_r1": [0.6] * 6, "student_r2": [0.2, 0.2, 0.2, 0.2, 0.8, 0.8]})
+    _trained(exp.run_dir("long_labelled") / "student_r1")
+    _run(exp, "strong_teacher", {"r50_2400": [0.7] * 6, "student_r1": [0.75] * 6})
+    (first / "predict").mkdir()
+    (first / "predict" / "r50.csv").write_text("pixel,0.png,1.png\n0,1,0\n1,2,0\n2,0,0\n3,0,3\n")
+    (first / "predict" / "thresholds.json").write_text(json.dumps(
+        {"r50": {"threshold": 0.3, "chosen_on": "val", "val_ARI": {"0.3": 0.62, "0.5": 0.607}},
+         "student_r1": {"threshold": 0.5, "chosen_on": "val", "val_ARI": {"0.3": 0.5, "0.5": 0.6}}}))
+    for folder, kept, aps in (("pseudolabels_r1", 7, (16.0, 9.5)), ("pseudolabels_r2", 6, None)):
+        (first / folder).mkdir()
+        (first / folder / "stats.json").write_text(json.dumps(
+            {"mode": "partition", "labelled_images": kept, "pool_images": 8, "instances": 3 * kept,
+             "instances_per_image": 3.0, "ignore_regions": 2,
+             "radiologists": [{"name": n, "ap": a, "weight": 0.5} for n, a in zip(("r50", "r101"), aps or ())]}))
+    rad = exp.runs / "radiologists" / "r50"
+    rad.mkdir(parents=True)
+    (rad / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 600\n")
+    (rad / "metrics.json").write_text("\n".join(json.dumps(r) for r in (
+        {"iteration": 299, "segm/AP": 2.0, "ct/ARI": 0.25}, {"iteration": 450, "total_loss": 1.0},
+        {"iteration": 600, "segm/AP": 7.5, "ct/ARI": 0.45})) + "\n")
+    text = tables.table(exp)
+    sections = {s.split("\n", 1)[0]: s for s in text.split("\n## ")}
+    head = text.split("\n## ")[0]
+    # the score table: baseline and radiologists once (the first finished run), then every run's students
+    assert "Teachers: r50, r101 (a subset: `--radiologists`)." in head and "train 8, val 2, test 6" in head
+    assert "| warmstart | baseline | 0.100 |" in head and "| warmstart_labelled | baseline |" not in head
+    assert "| warmstart | r50 | 0.400 | - | - | - | 10.0 | - | - | - | 1.5 |" in head  # (2 + 1) px / 2 slices
+    assert "| warmstart_rounds2 | student_r1 |" in head and "| warmstart_rounds2 | student_r2 | 0.400 |" in head
+    assert "| strong_teacher | student_r1 | 0.750 |" in head and "| strong_teacher | r50_2400 |" not in head
+    assert "The truth has 1.0 foreground pixels per test slice" in head
+    # every model against the reference run's final model, patients resampled
+    ref = sections["Paired differences on the test slices"]
+    assert "`warmstart_labelled student_r1` (the labelled-only control)" in ref
+    assert "bootstrap resamples of the 3 test patients" in ref
+    assert "| warmstart | r50 | -0.100 | [-0.100, -0.100] | 0 / 6 |" in ref
+    assert "| warmstart | student_r1 | +0.100 | [+0.100, +0.100] | 6 / 0 |" in ref
+    assert "| warmstart_labelled |" not in ref  # not against itself
+    # slices 0-3 (patients 0, 1) worse by 0.3, slices 4-5 (patient 2) better: the interval spans both
+    row = next(line for line in ref.splitlines() if line.startswith("| warmstart_rounds2 | student_r2 |"))
+    low, high = (float(x) for x in row.split("[")[1].split("]")[0].split(","))
+    assert "| -0.100 |" in row and "| 2 / 4 |" in row and low == pytest.approx(-0.3) and high == pytest.approx(0.3)
+    # each run against its equal-compute control; taught runs against their teacher
+    control = sections["Paired differences on the test slices: against long_labelled"]
+    assert "| long_thr09 | student_r1 | -0.050 | [-0.050, -0.050] | 0 / 6 |" in control and "| warmstart |" not in control
+    assert "against warmstart_labelled" not in text  # the reference's section covers it
+    teacher = sections["Paired differences on the test slices: against their teacher, long_labelled student_r1"]
+    assert "| strong_teacher | student_r1 | +0.050 |" in teacher
+    best = sections["Paired differences on the test slices: every final model against the r50 radiologist"]
+    assert "`warmstart r50` (the best radiologist by validation mask AP)" in best
+    assert "| long_thr09 | student_r1 | +0.250 |" in best and "| warmstart | r101 |" not in best
+    # thresholds chosen on validation, what each round kept, each model's validation curve
+    assert "| warmstart | r50 | 0.3 | 0.620 | 0.607 |" in sections["Score thresholds chosen on the validation split"]
+    kept = sections["Pseudo-labels"]
+    assert "| warmstart | pseudolabels_r1 | partition | 7 of 8 | 21 | 3.00 | 2 |" in kept
+    assert "| warmstart | pseudolabels_r2 | partition | 6 of 8 | 18 | 3.00 | 2 |" in kept
+    curves = sections["Validation during training"]
+    assert "`r50`:" in curves and "| 300 | 2.0 | - | 0.250 |" in curves and "| 601 |" not in curves
+
+
+def test_patient_bootstrap_resamples_patients_not_slices():
+    mean, low, high = tables.patient_bootstrap([0.1] * 6, ["a", "a", "b", "b", "c", "c"])
+    assert (mean, low, high) == pytest.approx((0.1, 0.1, 0.1))
+    diff = [0.2] * 10 + [-0.2] * 2  # one patient all better, another all worse: the interval spans both
+    mean, low, high = tables.patient_bootstrap(diff, ["a"] * 10 + ["b"] * 2)
+    assert mean == pytest.approx(0.2 * 8 / 12) and low == pytest.approx(-0.2) and high == pytest.approx(0.2)
+
+
+# ------------------------------------------------------------------------------------------------
+# the flip-TTA bench's parts (its predictions: tools/predict.py, monkeypatched)
+# ------------------------------------------------------------------------------------------------
+def _instances_file(path: Path, weights: Path, flip: bool, names=("a.png", "b.png")) -> None:
+    from d2ct.engine.predictor import prediction_source
+
+    images = [{"name": n, "height": 4, "width": 4, "scores": [0.9], "rles": [{"size": [4, 4], "counts": "04000"}]}
+              for n in names]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"source": prediction_source(weights, flip), "images": images}))
+
+
+def test_flip_tta_reuses_matching_predictions_and_predicts_the_rest(tmp_path, monkeypatch):
+    from experiments.openkbp import flip_tta
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_best.pth").write_bytes(b"weights")
+    saved, work = tmp_path / "run" / "student_r1_instances.json", tmp_path / "work"
+    _instances_file(saved, model / "model_best.pth", flip=False)
+    predicted = []
+
+    def fake_predict(cmd, **kwargs):  # tools/predict.py: writes the --instances file
+        predicted.append(cmd)
+        _instances_file(Path(cmd[cmd.index("--instances") + 1]), model / "model_best.pth", "--flip-tta" in cmd)
+
+    monkeypatch.setattr(flip_tta.subprocess, "run", fake_predict)
+    names = ["a.png", "b.png"]
+    args = (model, tmp_path / "images", names, saved)
+    plain = flip_tta.model_instances(*args, work / "plain.json", False, tmp_path / "plain.log")
+    assert predicted == [] and set(plain) == set(names)  # the run's own plain predictions
+    flip = flip_tta.model_instances(*args, work / "flip.json", True, tmp_path / "flip.log")
+    assert len(predicted) == 1 and "--flip-tta" in predicted[0] and set(flip) == set(names)
+    assert (work / "flip.txt").read_text().split() == names
+    flip_tta.model_instances(*args, work / "flip.json", True, tmp_path / "flip.log")
+    assert len(predicted) == 1  # resumed: predicted once
+    (model / "model_best.pth").write_bytes(b"retrained")  # stale everywhere: predicted again
+    flip_tta.model_instances(*args, work / "plain.json", False, tmp_path / "plain.log")
+    assert len(predicted) == 2 and "--flip-tta" not in predicted[1]
+
+
+def test_flip_tta_table_pairs_plain_and_flip():
+    from experiments.openkbp import flip_tta
+
+    row = {"model": "long_labelled student_r1", "threshold": "0.5", "ARI": (0.6, 0.62), "diff": (0.02, -0.01, 0.05),
+           "better_worse": (50, 30), "Dice": (0.6, 0.61), "recall": (0.7, None), "AP": (19.6, 20.1),
+           "structures": (3.0, 3.5), "truth_structures": 3.9}
+    text = flip_tta.table([row], 82, 28)
+    assert "82 held-out test slices" in text and "28 test patients" in text and "(the truth has 3.90)" in text
+    assert ("| long_labelled student_r1 | 0.5 | 0.600 -> 0.620 | +0.020 | [-0.010, +0.050] | 50 / 30 "
+            "| 0.600 -> 0.610 | - | 19.6 -> 20.1 | 3.00 -> 3.50 |") in text
+
+
+def test_flip_tta_refuses_an_unfinished_run(tmp_path):
+    from experiments.openkbp import flip_tta
+
+    with pytest.raises(SystemExit, match="not a finished run .*--only long_labelled first"):
+        flip_tta.main(["--runs", str(tmp_path), "--only", "long_labelled"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the driver for real: two variants through the pipeline, sharing their radiologists
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_driver_end_to_end_two_variants_share_the_radiologists(tmp_path):
+    from d2ct.data.phantom import write_phantom_dataset
+
+    data = tmp_path / "phantom"
+    write_phantom_dataset(data, n_train=14, n_labelled=6, n_test=3, size=96, seed=1, progress=False)
+    (tmp_path / "tiny.yaml").write_text(
+        "reference: labelled\n"
+        "variants:\n"
+        "  main: {sets: ['radiologists.*.threshold=0.0'], control: labelled}\n"
+        "  labelled: {sets: ['radiologists.*.threshold=0.0', final.pseudo_labels=false]}\n")
+    runs, out = tmp_path / "runs", tmp_path / "T.md"
+    tiny = [f"data.root={data}", "data.phantom=null", "pseudolabel.min_area=1", "baseline.enabled=false",
+            "opts=[" + ", ".join(f"'{o}'" for o in TINY_OPTS + ["TEST.EVAL_PERIOD", "2"]) + "]"]
+    driver = [sys.executable, str(ROOT / "experiments/openkbp/run.py"), "--config", "configs/demo/pipeline.yaml",
+              "--variants", str(tmp_path / "tiny.yaml"), "--runs", str(runs), "--radiologists", "r50",
+              "--out", str(out), "--set", *tiny]
+
+    def drive(*only):
+        proc = subprocess.run([*driver, "--only", *only], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    drive("main")
+    weights = runs / "radiologists" / "r50" / "model_final.pth"
+    trained = weights.stat().st_mtime_ns
+    assert not (runs / "main_r50" / "radiologists").exists()  # trained in the shared folder
+    log = drive("labelled")
+    assert weights.stat().st_mtime_ns == trained  # reused, not trained again
+    assert f"{weights.parent}: already trained with these settings" in log
+    assert not (runs / "labelled_r50" / "logs" / "r50.log").exists()  # no training log of its own
+    text = out.read_text()
+    assert "| main | r50 |" in text and "| main | student_r1 |" in text and "| labelled | student_r1 |" in text
+    section = text.split("## Paired differences on the test slices\n", 1)[1].split("\n## ")[0]
+    assert "`labelled student_r1` (the labelled-only control) on the same 3 slices" in section
+    assert "3 test slices" in section and "| main | student_r1 |" in section
+    assert "| labelled | student_r1 |" not in section
+    # run again: the pipeline skips every finished stage of both runs
+    log = drive("main", "labelled")
+    assert log.count("stage report       done (skipped)") == 2
