@@ -152,7 +152,7 @@ def fetch(dest: Path, python_version: str, platform: str, build_python: str, gro
             got.append(have[0])
             continue
         with tempfile.TemporaryDirectory(prefix="carry-") as tmp:
-            code, out = _run_pip(build_python, ["download", "--no-deps", "--only-binary=:all:", *target,
+            code, out = _run_pip(build_python, ["download", "-q", "--no-deps", "--only-binary=:all:", *target,
                                                 "-d", tmp, req])
             wheels = sorted(Path(tmp).glob("*.whl"))
             if code == 0 and len(wheels) == 1:
