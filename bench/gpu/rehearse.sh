@@ -72,11 +72,13 @@ OUTDIR="$WORK/out"
 mkdir -p "$OUTDIR"
 NET=(env)
 if unshare -n true 2>/dev/null; then
-    NET=(unshare -n)
-    if unshare -n "$VENV/bin/python" -c "import socket; socket.create_connection(('pypi.org', 443), 3)" 2>/dev/null; then
+    # A new network namespace has only a loopback interface, and it is down: bring it up (the
+    # launcher's TCP store listens on 127.0.0.1, as on the machine).
+    NET=(unshare -n sh -c 'ip link set lo up 2>/dev/null || ifconfig lo up 2>/dev/null; exec "$@"' sh)
+    if "${NET[@]}" "$VENV/bin/python" -c "import socket; socket.create_connection(('pypi.org', 443), 3)" 2>/dev/null; then
         echo "rehearse: the network namespace still reaches pypi.org" >&2; exit 1
     fi
-    say "network: none (unshare -n; pypi.org unreachable there)"
+    say "network: none but loopback (unshare -n; pypi.org unreachable there)"
 else
     say "network: unshare -n is not allowed here; relying on pip --isolated --no-index alone"
 fi
