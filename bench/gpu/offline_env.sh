@@ -33,9 +33,10 @@ _d2ct_offline_env() {
     export PYTHONUNBUFFERED=1
     "$py" -c "import torch, torchvision, detectron2, d2ct, pycocotools.mask, fvcore, omegaconf, hydra, nibabel; \
 from detectron2.engine import DefaultTrainer; import d2ct.engine; \
+torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5); \
 print('offline_env: torch', torch.__version__, '| torchvision', torchvision.__version__, '| detectron2', \
 detectron2.__version__, 'from', detectron2.__file__.rsplit('/', 2)[0], '| cuda', torch.cuda.is_available())" || {
-        echo "offline_env: the installed packages do not import (see above)" >&2
+        echo "offline_env: the installed packages do not import, or torchvision does not fit this torch (see above)" >&2
         return 1
     }
 }
