@@ -298,6 +298,16 @@ def shutdown(trainer) -> None:
 # ----------------------------------------------------------------------------------------------
 # steps
 # ----------------------------------------------------------------------------------------------
+def _nccl_version() -> str | None:
+    try:
+        import torch.cuda.nccl as nccl
+
+        v = nccl.version()
+        return ".".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+    except Exception as e:  # informational only
+        return f"unknown ({type(e).__name__})"
+
+
 def step_env(args) -> dict:
     import numpy
     import torch
@@ -316,7 +326,7 @@ def step_env(args) -> dict:
         p = torch.cuda.get_device_properties(0)
         info.update({"device": f"{p.name}, {p.total_memory / 2**30:.0f} GiB, cc {p.major}.{p.minor}",
                      "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                     "nccl": ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None})
+                     "nccl": _nccl_version()})
         checks.append({"check": "CUDA GPU visible", "status": "ok", "detail": info["device"]})
     else:
         info["device"] = "CPU only"
@@ -348,7 +358,7 @@ def step_train(args) -> dict:
     size = args.size or (96 if args.smoke else 512)
     batch = args.batch or (2 if args.smoke else 16)
     iters = args.iters or (3 if args.smoke else 20)
-    workers = args.workers if args.workers is not None else (0 if args.smoke else 8)
+    workers = args.workers if args.workers is not None else (0 if args.smoke else 12)
     runs, checks = [], []
     result = {"runs": runs, "checks": checks, "size": size, "batch": batch, "iters": iters, "workers": workers}
     for amp in (False, True):
@@ -511,7 +521,7 @@ def step_short_run(args) -> dict:
     opts = base_opts(args, out_dir) + [
         "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.MAX_ITER", str(max_iter), "SOLVER.AMP.ENABLED", str(amp),
         "SOLVER.WARMUP_ITERS", str(warmup), "SOLVER.STEPS", "(" + "".join(f"{x}," for x in steps) + ")",
-        "DATALOADER.NUM_WORKERS", str(args.workers if args.workers is not None else (0 if args.smoke else 8))]
+        "DATALOADER.NUM_WORKERS", str(args.workers if args.workers is not None else (0 if args.smoke else 12))]
     if args.smoke:
         opts += ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96"]
     cfg = make_cfg("configs/scratch/radiologist_r50.yaml", opts)
@@ -616,7 +626,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, help="train step: input size (default 512; smoke 128)")
     p.add_argument("--batch", type=int, help="images per iteration (default 16; smoke 2)")
     p.add_argument("--iters", type=int, help="train step: iterations per config (default 20; smoke 3)")
-    p.add_argument("--workers", type=int, help="data-loader workers (default 8; smoke 0)")
+    p.add_argument("--workers", type=int, help="data-loader workers (default 12, of the 16 cores there; smoke 0)")
     p.add_argument("--budget-s", type=float, default=240.0, help="short run: training seconds (default 240)")
     p.add_argument("--max-iter", type=int, help="short run: iterations (default: from the budget and the R50 timing)")
     p.add_argument("--amp", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
