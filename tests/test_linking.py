@@ -197,3 +197,22 @@ def test_phantom_labels_renumbered_per_slice_are_restored(seed):
     # with the default speckle filter nothing real is lost either (every phantom organ spans > 1 slice)
     res = link_slices(scramble(truth, seed + 10), spacing=info["spacing"])
     assert same_partition(truth, res.labels)
+
+
+def test_label_maps_with_scores_gives_each_id_its_instance_score():
+    from d2ct.engine.predictor import InstancePrediction
+    from d2ct.postprocess.linking import label_maps_with_scores
+    from d2ct.postprocess.submission import PostprocessOptions, label_maps_from_predictions
+
+    soft = np.zeros((4, H, W), np.uint8)
+    soft[0][box(0, 10, 0, 10)] = 255  # score 0.3: below the threshold
+    soft[1][box(20, 30, 20, 30)] = 255  # 0.9 -> id 1
+    soft[2][box(20, 30, 25, 35)] = 255  # 0.8 -> id 2, loses the overlap to the 0.9 one
+    soft[3][box(22, 28, 22, 28)] = 255  # 0.7: entirely under the 0.9 one, keeps no pixel
+    pred = InstancePrediction("a", H, W, np.array([0.3, 0.9, 0.8, 0.7], np.float32), soft)
+    empty = InstancePrediction("b", H, W)
+    opts = PostprocessOptions(score_threshold=0.5, min_area=1, fallback_top_k=0)
+    maps, scores = label_maps_with_scores([pred, empty], opts)
+    np.testing.assert_array_equal(maps, label_maps_from_predictions([pred, empty], opts))
+    assert scores[0] == {1: pytest.approx(0.9), 2: pytest.approx(0.8)} and scores[1] == {}
+    assert maps[0][25, 22] == 1 and maps[0][25, 33] == 2

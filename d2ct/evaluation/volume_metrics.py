@@ -27,7 +27,8 @@ import numpy as np
 from d2ct.evaluation.ari import adjusted_rand_index
 from d2ct.evaluation.dice import iou_matrix, match_structures
 
-__all__ = ["VolumeScores", "score_volume", "format_volume_scores"]
+__all__ = ["VolumeScores", "score_volume", "format_volume_scores", "is_volume_path", "score_label_volumes",
+           "write_volume_report"]
 
 
 @dataclass
@@ -113,3 +114,41 @@ def format_volume_scores(scores: VolumeScores, title: str = "") -> str:
     lines.append(f"structures: {s['n_true']} true, {s['n_pred']} predicted; found {s['found']}, missed {s['missed']}, "
                  f"split {s['split']}, merged {s['merged']}; {s['false']} predicted without a true structure")
     return "\n".join(lines)
+
+
+def is_volume_path(path) -> bool:
+    """A NIfTI file name (.nii / .nii.gz)."""
+    return str(path).lower().endswith((".nii", ".nii.gz"))
+
+
+def score_label_volumes(truth_path, pred_path, **kwargs) -> VolumeScores:
+    """3-D scores of two NIfTI label volumes, which must lie on the same grid (shape, voxel size,
+    orientation within a tolerance; the error names both files otherwise)."""
+    from d2ct.data.volumes import load_label_volume, load_volume
+
+    ref = load_volume(truth_path)
+    truth = load_label_volume(truth_path, ref)
+    pred = load_label_volume(pred_path, ref)
+    return score_volume(truth, pred, spacing=ref.spacing, **kwargs)
+
+
+def write_volume_report(scores: VolumeScores, out_dir, **meta) -> dict:
+    """``summary.json`` (the summary and ``meta``) and ``per_structure.csv`` in ``out_dir``."""
+    import csv
+    import io
+    from pathlib import Path
+
+    from d2ct.utils.fileio import atomic_write_json, atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"summary": out_dir / "summary.json", "per_structure": out_dir / "per_structure.csv"}
+    atomic_write_json(paths["summary"], {**meta, **scores.summary})
+    buf = io.StringIO(newline="")
+    cols = list(scores.per_structure[0]) if scores.per_structure else ["label"]
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for row in scores.per_structure:
+        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(paths["per_structure"], buf.getvalue())
+    return paths

@@ -80,3 +80,29 @@ def link_slice_folder(label_maps: np.ndarray, scores: Sequence[dict] | None = No
     logger.info("linked %d slice instances into %d structures (%d dropped as speckle)", res.n_instances,
                 len(res.structures), res.n_dropped)
     return res.labels
+
+
+def add_linking_arguments(parser) -> None:
+    """The predict tool's options for volumes (linking, speckle, numbering) on an argparse parser."""
+    d = LinkOptions()
+    g = parser.add_argument_group("volume labels (one label per 3-D structure, see docs/volumes.md)")
+    g.add_argument("--per-slice-labels", action="store_true",
+                   help="volume input: keep each slice's own numbering instead of linking the slices")
+    g.add_argument("--link-slices", action="store_true",
+                   help="folder of PNG slices that are one scan, in name order: link them too")
+    g.add_argument("--link-min-iou", type=float, default=d.min_iou,
+                   help=f"IoU for an instance to continue a structure of the slice below (default {d.min_iou})")
+    g.add_argument("--link-max-gap", type=int, default=d.max_gap,
+                   help=f"slices a structure may be missing and keep its label (default {d.max_gap})")
+    g.add_argument("--min-slices", type=int, default=d.min_slices,
+                   help=f"drop structures on fewer slices (default {d.min_slices})")
+    g.add_argument("--min-volume-ml", type=float, default=d.min_volume_ml,
+                   help=f"volume input: drop structures smaller than this (default {d.min_volume_ml} ml)")
+    g.add_argument("--label-order", choices=("volume", "superior"), default=d.order,
+                   help="numbering: largest structure first (volume) or top to bottom (superior)")
+
+
+def link_options_from_args(args) -> LinkOptions:
+    """LinkOptions from the options of :func:`add_linking_arguments` (validated)."""
+    return LinkOptions(min_iou=args.link_min_iou, max_gap=args.link_max_gap, min_slices=args.min_slices,
+                       min_volume_ml=args.min_volume_ml, order=args.label_order).validate()
