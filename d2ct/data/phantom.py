@@ -1090,11 +1090,13 @@ def volume_affine(shape: tuple[int, int, int], spacing: tuple[float, float, floa
 
 def write_phantom_volume(out_dir: str | os.PathLike, *, seed: int = 0, size: int = 128, n_slices: int = 40,
                          levels: tuple[float, float] = (0.0, 1.0), overwrite: bool = False,
-                         config: PhantomConfig | None = None) -> dict[str, Path]:
+                         config: PhantomConfig | None = None,
+                         preview: str | os.PathLike | None = None) -> dict[str, Path]:
     """Write a 3-D phantom as NIfTI: ``ct.nii.gz`` (HU, int16), ``labels.nii.gz`` (one label per
     3-D structure, uint8) and ``structures.json`` (label -> name, spacing, parameters), stored in
     RAS+ orientation (as ``nibabel.as_closest_canonical`` gives). Same parameters -> identical
-    files; atomic (the folder is written aside and renamed into place)."""
+    files; atomic (the folder is written aside and renamed into place). ``preview``: also draw an
+    axial / coronal / sagittal overlay of the labels to this PNG."""
     import gzip
 
     import nibabel as nib
@@ -1121,4 +1123,11 @@ def write_phantom_volume(out_dir: str | os.PathLike, *, seed: int = 0, size: int
         atomic_write_json(tmp / "structures.json", {
             "params": params, "spacing_mm": list(info["spacing"]), "phase": info["phase"],
             "structures": {str(k): v for k, v in info["structures"].items()}})
-    return {name: out_dir / name for name in ("ct.nii.gz", "labels.nii.gz", "structures.json")}
+    paths = {name: out_dir / name for name in ("ct.nii.gz", "labels.nii.gz", "structures.json")}
+    if preview:
+        from d2ct.visualization.volume import three_plane_overlay
+
+        paths["preview"] = three_plane_overlay(np.clip(np.rint(hu), -1024, 3071), labels, preview,
+                                               spacing=info["spacing"], title=f"3-D phantom, seed {seed}: "
+                                               f"{len(info['structures'])} structures (truth)")
+    return paths

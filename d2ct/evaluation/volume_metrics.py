@@ -152,3 +152,19 @@ def write_volume_report(scores: VolumeScores, out_dir, **meta) -> dict:
         w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(paths["per_structure"], buf.getvalue())
     return paths
+
+
+def evaluate_volume_cli(truth_path, pred_path, out_dir=None) -> int:
+    """What ``tools/evaluate.py`` does for two NIfTI label volumes: print the 3-D scores, and with
+    ``out_dir`` write ``summary.json`` and ``per_structure.csv``. Returns the exit status (0)."""
+    from d2ct.errors import ConfigError
+
+    if not (is_volume_path(truth_path) and is_volume_path(pred_path)):
+        raise ConfigError(f"--truth {truth_path} and --pred {pred_path}: both must be NIfTI label volumes "
+                          "(.nii/.nii.gz) or both label CSVs")
+    scores = score_label_volumes(truth_path, pred_path)
+    print(format_volume_scores(scores, title=f"{pred_path} vs {truth_path} (3-D)"))
+    if out_dir:
+        paths = write_volume_report(scores, out_dir, truth=str(truth_path), pred=str(pred_path))
+        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
