@@ -21,13 +21,15 @@ __all__ = ["write_volume_prediction", "link_slice_folder"]
 def write_volume_prediction(label_maps: np.ndarray, volume, out: str | os.PathLike, *,
                             scores: Sequence[dict] | None = None, link: bool = True,
                             options: LinkOptions | None = None, viz: str | os.PathLike | None = None,
-                            meta: dict | None = None) -> dict:
+                            truth: np.ndarray | None = None, meta: dict | None = None) -> dict:
     """Write ``out`` (.nii/.nii.gz) and its side files from display-oriented (Z, H, W) label maps on
     the grid of ``volume`` (a :class:`d2ct.data.volumes.Volume`; resampled slices must be restored
     first). ``link``: one label per 3-D structure (else the per-slice numbers are kept, as a 2-D
     model gives them). ``scores``: per slice ``{label: score}`` (the side-car's mean scores).
-    ``viz``: a folder (or a .png path) for the axial / coronal / sagittal overlay.
-    Returns ``{"paths": {...}, "n_structures": N, "stats": {...}}``."""
+    ``viz``: a folder (or a .png path) for the axial / coronal / sagittal overlay. ``truth``: a
+    display-oriented label volume on the same grid: shown in the overlay, and its 3-D scores
+    (:func:`d2ct.evaluation.volume_metrics.score_volume`) go into the side-car and the result.
+    Returns ``{"paths": {...}, "n_structures": N, "stats": {...}, "scores": summary or None}``."""
     from d2ct.data.volumes import save_label_volume
     from d2ct.visualization.volume import three_plane_overlay, write_volume_outputs
 
@@ -51,6 +53,12 @@ def write_volume_prediction(label_maps: np.ndarray, volume, out: str | os.PathLi
                                "n_slices": int(zs.size), "volume_ml": vox * voxel_ml, "mean_score": None,
                                "note": "per-slice label: not one structure"})
         info = {"linking": None}
+    scores3d = None
+    if truth is not None:
+        from d2ct.evaluation.volume_metrics import score_volume
+
+        scores3d = score_volume(truth, labels, spacing=volume.spacing).summary
+        info["scores_3d"] = scores3d
     save_label_volume(labels, volume, out)
     paths = {"labels": out}
     side = write_volume_outputs(out, structures, source=str(volume.source), shape_zhw=list(volume.shape),
@@ -62,9 +70,9 @@ def write_volume_prediction(label_maps: np.ndarray, volume, out: str | os.PathLi
     if viz:
         viz = Path(viz)
         png = viz if viz.suffix.lower() == ".png" else viz / (side["json"].stem + "_3plane.png")
-        paths["viz"] = three_plane_overlay(volume.hu, labels, png, spacing=volume.spacing,
+        paths["viz"] = three_plane_overlay(volume.hu, labels, png, spacing=volume.spacing, truth=truth,
                                            title=f"{Path(str(volume.source)).name}: {len(structures)} structures")
-    return {"paths": paths, "n_structures": len(structures), "stats": info["linking"]}
+    return {"paths": paths, "n_structures": len(structures), "stats": info["linking"], "scores": scores3d}
 
 
 def link_slice_folder(label_maps: np.ndarray, scores: Sequence[dict] | None = None,
