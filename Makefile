@@ -11,7 +11,7 @@ setup:
 
 ## Quick start 1: the whole method on the embedded CT phantom, on the CPU.
 demo: setup
-	$(PY) tools/run_pipeline.py --config configs/demo/pipeline.yaml
+	$(VENV)/bin/d2ct-pipeline --config configs/demo/pipeline.yaml
 
 ## Quick start 2: the test suite (slow tests excluded; `make test-all` runs them too).
 test: setup

@@ -38,4 +38,19 @@ setup(
         "psutil",
     ],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
+    # one command per tool; tools/<name>.py are thin shims of the same main functions
+    entry_points={
+        "console_scripts": [
+            "d2ct-train = d2ct.engine.train_net:main",
+            "d2ct-predict = d2ct.engine.predict:main",
+            "d2ct-pseudolabel = d2ct.pseudolabel.cli:main",
+            "d2ct-evaluate = d2ct.evaluation.cli:main",
+            "d2ct-pipeline = d2ct.pipeline.cli:main",
+            "d2ct-baseline = d2ct.baseline.cli:main",
+            "d2ct-convert-to-coco = d2ct.data.cli.convert_to_coco:main",
+            "d2ct-import-volume = d2ct.data.cli.import_volume:main",
+            "d2ct-make-holdout = d2ct.data.cli.make_holdout:main",
+            "d2ct-make-phantom = d2ct.data.cli.make_phantom:main",
+        ],
+    },
 )

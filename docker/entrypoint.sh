@@ -2,6 +2,8 @@
 # d2ct container entry point: runs a d2ct tool by name, or a shell / Python.
 #
 #   d2ct TOOL [ARGS...]      python $D2CT_TOOLS/TOOL.py ARGS...   (train_net, run_pipeline, pseudolabel, ...)
+#                            (tools/TOOL.py is a shim of a d2ct module's main; the same commands are
+#                            on PATH as console scripts: d2ct-train, d2ct-pipeline, d2ct-pseudolabel, ...)
 #   d2ct bash [ARGS...]      a shell (also: sh)
 #   d2ct python [ARGS...]    the environment's Python (also: python3)
 #   d2ct pytest [ARGS...]    python -m pytest (the project's tests)
@@ -45,6 +47,7 @@ usage: d2ct TOOL [ARGS...]      e.g. d2ct train_net --config configs/scratch/rad
 tools ($D2CT_TOOLS), each with --help:
 $(list_tools)
 
+The same commands are on PATH as d2ct-train, d2ct-pipeline, d2ct-predict, ... (d2ct bash).
 Folders: data in /data (datasets/ points there), results in /output (output/ points there).
 EOF
 }

@@ -415,3 +415,17 @@ def test_transposed_labels_with_bare_ids_match_png_names(tmp_path, caplog):
     assert ds.labels.transposed and "transposed" in caplog.text
     assert ds.labelled_names == ["0.png", "1.png"]
     assert np.array_equal(ds.label_map("1.png"), maps[1])
+
+
+def test_transposed_labels_with_another_pixel_count(tmp_path):
+    """A transposed file (rows = images) with one pixel column too few: the reader names the file
+    and both counts (the data set relies on it; it has no check of its own)."""
+    import pandas as pd
+
+    maps = make_layout(tmp_path, n=4, n_labelled=2, labels=None, annotated=None)
+    df = pd.DataFrame(maps.reshape(4, -1)[:, :-1], index=[f"{i}.png" for i in range(4)])
+    df.index.name = "name"
+    df.to_csv(tmp_path / "labels.csv")
+    with pytest.raises(DataError, match=rf"labels\.csv: the labels CSV has {H * W - 1} pixels per image, "
+                                        rf"expected {H * W} \(H\*W\)"):
+        ChallengeDataset.open(tmp_path)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from d2ct.evaluation.coco_ap import encode_mask
+from d2ct.utils.masks import encode_mask
 from d2ct.evaluation.evaluator import CTSegmentationEvaluator, truth_label_map
 
 detectron2 = pytest.importorskip("detectron2")

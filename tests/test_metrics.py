@@ -19,7 +19,8 @@ from d2ct.evaluation.ari import (
     mean_ari,
     pair_counts,
 )
-from d2ct.evaluation.coco_ap import coco_ap_from_label_maps, encode_masks, label_map_to_rles
+from d2ct.evaluation.coco_ap import coco_ap_from_label_maps, label_map_to_rles
+from d2ct.utils.masks import encode_masks
 from d2ct.evaluation.dice import dice_per_image, match_structures
 from sklearn.metrics.cluster import pair_confusion_matrix
 

@@ -213,13 +213,10 @@ def test_dataset_refuses_foreign_folder_and_bad_counts(tmp_path):
 
 
 def test_preview_and_tool(phantom_root, tmp_path, capsys):
-    import importlib.util
+    from d2ct.data.cli import make_phantom as tool
 
     out = write_preview(phantom_root, tmp_path / "p.png", n=3)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    spec = importlib.util.spec_from_file_location("make_phantom", Path(__file__).parents[1] / "tools" / "make_phantom.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     rc = tool.main(["--out", str(tmp_path / "t"), "--n-train", "3", "--n-labelled", "2", "--n-test", "0",
                     "--size", "64", "--preview", str(tmp_path / "t.png")])
     assert rc == 0 and (tmp_path / "t" / "labels.csv.gz").is_file() and (tmp_path / "t.png").is_file()

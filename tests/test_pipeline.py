@@ -43,14 +43,14 @@ def test_pipeline_writes_every_artefact(pipeline_run):
         assert dicts, split
         assert all(not d["annotations"] for d in dicts) if split == "unlabelled" else any(d["annotations"] for d in dicts)
     # three radiologists and the final model, each with checkpoints and validation scores
-    for model in ("radiologists/r50", "radiologists/r101", "radiologists/x101", "final"):
+    for model in ("radiologists/r50", "radiologists/r101", "radiologists/x101", "student_r1"):
         for name in ("model_final.pth", "model_best.pth", "model_best.json", "metrics.json", "training_curves.png"):
             assert (out / model / name).exists(), f"{model}/{name}"
-    stats = json.loads((out / "pseudolabels" / "stats.json").read_text())
+    stats = json.loads((out / "pseudolabels_r1" / "stats.json").read_text())
     assert stats["pool_images"] == 8 and len(stats["radiologists"]) == 3
     assert sum(r["assigned"] for r in stats["radiologists"]) == 8
     assert abs(sum(r["weight"] for r in stats["radiologists"]) - 1) < 1e-6
-    final_cfg = (out / "final" / "config.yaml").read_text()
+    final_cfg = (out / "student_r1" / "config.yaml").read_text()
     if stats["labelled_images"]:
         assert "phantom_pseudo" in final_cfg  # the final model saw the pseudo-labelled images
     # submission in the challenge layout, readable by the evaluator
@@ -60,13 +60,18 @@ def test_pipeline_writes_every_artefact(pipeline_run):
                   "--pred", out / "submission.csv")
     assert "ARI" in ev.stdout
     table = json.loads((out / "evaluate" / "table.json").read_text())
-    assert [row["model"] for row in table] == ["baseline", "r50", "r101", "x101", "final"]
+    assert [row["model"] for row in table] == ["baseline", "r50", "r101", "x101", "student_r1"]
     for row in table:
         assert -1 <= row["ARI"] <= 1 and 0 <= row["Dice"] <= 1
         assert "AP" in row
     report = (out / "report" / "report.md").read_text()
-    assert "| baseline |" in report and "| final |" in report and "Pseudo-labels" in report
-    assert (out / "report" / "ari_hist_final.png").exists() and (out / "report" / "best_worst.png").exists()
+    assert "| baseline |" in report and "| student_r1 |" in report and "Pseudo-labels" in report
+    assert "| 1 | r50 (0), r101 (0), x101 (0) | `pseudolabels_r1/` |" in report  # the round's row
+    # the split is written once, and training read it from there
+    splits = json.loads((out / "data" / "splits_final.json").read_text())["splits"]
+    assert len(splits["train"]) + len(splits["val"]) == 6 and len(splits["unlabelled"]) == 8
+    assert yaml.safe_load(final_cfg)["D2CT"]["SPLIT_FILE"] == str(out / "data" / "splits_final.json")
+    assert (out / "report" / "ari_hist_student_r1.png").exists() and (out / "report" / "best_worst.png").exists()
     assert "| model | ARI (all pixels)" in proc.stdout  # the table printed at the end
 
 
@@ -77,21 +82,21 @@ def test_finished_pipeline_is_skipped_and_from_reruns_a_stage(pipeline_run):
     assert time.time() - start < min(60, first_seconds / 2)
     log = proc.stdout + proc.stderr
     assert all(f"stage {s:<12} done (skipped)" in log for s in STAGES)
-    before = (out / "final" / "model_final.pth").stat().st_mtime
+    before = (out / "student_r1" / "model_final.pth").stat().st_mtime
     proc = run_tool("run_pipeline.py", *args, "--from", "evaluate")
     log = proc.stdout + proc.stderr
     assert "stage evaluate     running" in log and "stage predict      done (skipped)" in log
-    assert (out / "final" / "model_final.pth").stat().st_mtime == before
+    assert (out / "student_r1" / "model_final.pth").stat().st_mtime == before
 
 
 def test_score_threshold_chosen_on_validation_without_predicting_the_test_slices_again(pipeline_run):
     out, args, _, _ = pipeline_run
-    test_instances = (out / "predict" / "final_instances.json").stat().st_mtime
+    test_instances = (out / "predict" / "student_r1_instances.json").stat().st_mtime
     proc = run_tool("run_pipeline.py", *args, "predict.score_threshold=val", "predict.threshold_grid=[0.2, 0.6, 0.95]")
     log = proc.stdout + proc.stderr
     assert "stage final        done (skipped)" in log and "stage predict      running" in log
     thresholds = json.loads((out / "predict" / "thresholds.json").read_text())
-    assert list(thresholds) == ["r50", "r101", "x101", "final"]
+    assert list(thresholds) == ["r50", "r101", "x101", "student_r1"]
     for name, chosen in thresholds.items():
         assert chosen["chosen_on"] == "val" and list(chosen["val_ARI"]) == ["0.2", "0.6", "0.95"]
         # the best validation ARI, the lowest threshold on a tie
@@ -99,7 +104,7 @@ def test_score_threshold_chosen_on_validation_without_predicting_the_test_slices
         assert chosen["threshold"] == min(float(t) for t, v in chosen["val_ARI"].items() if v == top)
         assert (out / "predict" / "val" / f"{name}_instances.json").exists()
     # the test slices' instances were reused: only the threshold changed
-    assert (out / "predict" / "final_instances.json").stat().st_mtime == test_instances
+    assert (out / "predict" / "student_r1_instances.json").stat().st_mtime == test_instances
     # with the radiologists' validation instances, the report scores the pseudo-labelling rules on them
     report = (out / "report" / "report.md").read_text()
     assert "### How good they are, on the validation slices" in report
@@ -111,13 +116,13 @@ def test_score_threshold_chosen_on_validation_without_predicting_the_test_slices
     from d2ct.postprocess.submission import PostprocessOptions, label_maps_from_instances, load_instances
 
     names = ["0.png", "1.png", "2.png"]
-    maps = label_maps_from_instances(load_instances(out / "predict" / "final_instances.json"), names,
-                                     PostprocessOptions(thresholds["final"]["threshold"], 5, 3))
+    maps = label_maps_from_instances(load_instances(out / "predict" / "student_r1_instances.json"), names,
+                                     PostprocessOptions(thresholds["student_r1"]["threshold"], 5, 3))
     submission = read_labels_csv(out / "submission.csv")
     assert all((submission.label_map(n, (96, 96)) == m).all() for n, m in zip(names, maps))
     # back to the fixed threshold: flattened again, nothing predicted again
     run_tool("run_pipeline.py", *args)
-    assert json.loads((out / "predict" / "thresholds.json").read_text())["final"] == {
+    assert json.loads((out / "predict" / "thresholds.json").read_text())["student_r1"] == {
         "threshold": 0.5, "chosen_on": "config"}
     with pytest.raises(ConfigError, match="predict.score_threshold must be a score in \\[0, 1\\] or val"):
         load_pipeline_config("configs/demo/pipeline.yaml", ["predict.score_threshold=best"])
@@ -139,7 +144,7 @@ def test_saved_instances_are_predicted_again_only_when_stale(pipeline_run):
     # x101's cut short (damaged by something else): kept aside and predicted again
     damaged = (pred / "x101_instances.json").read_text()[:100]
     (pred / "x101_instances.json").write_text(damaged)
-    kept = {n: (pred / f"{n}_instances.json").stat().st_mtime_ns for n in ("r101", "final")}
+    kept = {n: (pred / f"{n}_instances.json").stat().st_mtime_ns for n in ("r101", "student_r1")}
     evaluated = (out / "evaluate" / "table.json").stat().st_mtime_ns
     # a run killed during the predict stage resumes there
     (out / "stages" / "predict.json").unlink()
@@ -180,7 +185,9 @@ def test_per_model_opts_follow_the_shared_ones_and_split_settings_reach_training
     r101 = pipe._train_opts(tmp_path / "r101", ["phantom_train"], model_opts=cfg["radiologists"][1]["opts"])
     # the model's own override comes last, so it wins over the shared one
     assert r101[-4:] == ["SOLVER.MAX_ITER", "50", "SOLVER.MAX_ITER", "70"]
-    assert r101[r101.index("D2CT.SPLIT_GROUP_BY") + 1] == "patient"
+    # the split comes from the file the data stage wrote, not from settings training would recompute
+    assert r101[r101.index("D2CT.SPLIT_FILE") + 1] == str(tmp_path / "data" / "splits_final.json")
+    assert "D2CT.SPLIT_GROUP_BY" not in r101 and "D2CT.VAL_FRACTION" not in r101
     assert cfg["radiologists"][0]["opts"] == [] and cfg["final"]["opts"] == ["SOLVER.BASE_LR", "0.001"]
     with pytest.raises(ConfigError, match=r"radiologists\[2\].opts must be a list of KEY, VALUE pairs"):
         load_pipeline_config("configs/demo/pipeline.yaml", ["radiologists.2.opts=['SOLVER.MAX_ITER']"])
@@ -198,10 +205,10 @@ def test_shared_radiologists_dir_is_used_and_never_removed(tmp_path):
                                                               f"radiologists_dir={shared}"])
     pipe = Pipeline(cfg)
     assert pipe.radiologist_dirs()[0] == shared / "r50"
-    (tmp_path / "variant" / "final").mkdir(parents=True)
+    (tmp_path / "variant" / "student_r1").mkdir(parents=True)
     pipe.reset_from("radiologists")  # --from radiologists: this run's later stages go, the shared models stay
     assert (shared / "r50" / "model_final.pth").exists()
-    assert not (tmp_path / "variant" / "final").exists()
+    assert not (tmp_path / "variant" / "student_r1").exists()
 
 
 def test_training_table_counts_iterations(tmp_path):
@@ -213,7 +220,7 @@ def test_training_table_counts_iterations(tmp_path):
 
     dirs = {}
     for name, best in (("r50", {"value": 16.5, "iteration": 1200}),
-                       ("final", {"value": 9.0, "iteration": 299, "iterations_trained": 300})):
+                       ("student_r1", {"value": 9.0, "iteration": 299, "iterations_trained": 300})):
         d = tmp_path / name
         d.mkdir()
         (d / "config.yaml").write_text(f"SOLVER:\n  MAX_ITER: 1200\nD2CT:\n  ROLE: role {name}\n")
@@ -222,7 +229,7 @@ def test_training_table_counts_iterations(tmp_path):
         dirs[name] = d
     rows = _training_rows(SimpleNamespace(models=lambda: list(dirs.items())))
     assert rows[2] == "| r50 | role r50 | 1200 | 16.50 (1200) | 0:30:43 |"
-    assert rows[3] == "| final | role final | 1200 | 9.00 (300) | 0:30:43 |"
+    assert rows[3] == "| student_r1 | role student_r1 | 1200 | 9.00 (300) | 0:30:43 |"
 
 
 def test_final_init_picks_the_best_radiologist_and_refuses_another_backbone(pipeline_run, tmp_path):
@@ -240,8 +247,8 @@ def test_final_init_picks_the_best_radiologist_and_refuses_another_backbone(pipe
     sets = [f"output_dir={tmp_path / 'run'}", f"radiologists_dir={shared}"]
     pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", sets + ["final.init=best"]))
     assert pipe.final_init_weights(1) == str(shared / "r101" / "model_best.pth")
-    shutil.copytree(shared / "r101", tmp_path / "run" / "final")  # as if round 1 had trained: round 2 starts there
-    assert pipe.final_init_weights(2) == str(tmp_path / "run" / "final" / "model_best.pth")
+    shutil.copytree(shared / "r101", tmp_path / "run" / "student_r1")  # as if round 1 had trained: round 2 starts there
+    assert pipe.final_init_weights(2) == str(tmp_path / "run" / "student_r1" / "model_best.pth")
     pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", sets + ["final.init=x101"]))
     with pytest.raises(StageError, match="MODEL.RESNETS.DEPTH=50 but the final config configs/demo/final.yaml has 34"):
         pipe.final_init_weights(1)
@@ -257,7 +264,7 @@ def test_final_training_sets_follow_pseudo_labels_and_labelled_repeat(tmp_path, 
     pseudo-labels; the labelled split alone when final.pseudo_labels is false or nothing was kept."""
     from d2ct.pipeline.runner import Pipeline
 
-    folder = tmp_path / "run" / "pseudolabels"
+    folder = tmp_path / "run" / "pseudolabels_r1"
     folder.mkdir(parents=True)
     (folder / "pseudo_labels.json").write_text("{}")
 
@@ -267,6 +274,7 @@ def test_final_training_sets_follow_pseudo_labels_and_labelled_repeat(tmp_path, 
         calls = []
         monkeypatch.setattr(pipe, "train", lambda config, out, train_sets, pseudo=None, model_opts=None:
                             calls.append((train_sets, pseudo)) or out)
+        monkeypatch.setattr(pipe, "_pseudolabel", lambda round_: folder)
         pipe.stage_final()
         return calls
 
@@ -289,13 +297,13 @@ def test_warm_started_final_model_trains_from_its_teacher(pipeline_run, tmp_path
              f"output_dir={run}", f"data.root={out}/data/phantom", *TINY_PIPELINE,
              f"radiologists_dir={out / 'radiologists'}", "final.init=r101", "final.labelled_repeat=2", timeout=900)
     teacher = str(out / "radiologists" / "r101" / "model_best.pth")
-    final_cfg = yaml.safe_load((run / "final" / "config.yaml").read_text())
+    final_cfg = yaml.safe_load((run / "student_r1" / "config.yaml").read_text())
     assert final_cfg["MODEL"]["WEIGHTS"] == teacher
-    assert f"Loading from {teacher}" in (run / "final" / "log.txt").read_text()
-    labelled = json.loads((run / "pseudolabels" / "stats.json").read_text())["labelled_images"]
+    assert f"Loading from {teacher}" in (run / "student_r1" / "log.txt").read_text()
+    labelled = json.loads((run / "pseudolabels_r1" / "stats.json").read_text())["labelled_images"]
     expected = ["phantom_train", "phantom_train", "phantom_pseudo"] if labelled else ["phantom_train"]
     assert list(final_cfg["DATASETS"]["TRAIN"]) == expected
-    assert (run / "final" / "model_final.pth").exists() and not (run / "stages" / "predict.json").exists()
+    assert (run / "student_r1" / "model_final.pth").exists() and not (run / "stages" / "predict.json").exists()
 
 
 def test_ignore_below_reaches_the_pseudolabel_tool_and_is_checked(tmp_path, monkeypatch):
@@ -303,6 +311,10 @@ def test_ignore_below_reaches_the_pseudolabel_tool_and_is_checked(tmp_path, monk
 
     def pseudolabel_args(sets):
         pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", [f"output_dir={tmp_path}", *sets]))
+        for folder in pipe.radiologist_dirs():  # stand-ins for trained teachers
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "model_final.pth").write_bytes(folder.name.encode())
+        monkeypatch.setattr(pipe, "split_digest", lambda: "split")
         calls = []
         monkeypatch.setattr(pipe, "_run_tool", lambda tool, args, log_name: calls.append([str(a) for a in args]))
         pipe._pseudolabel(1)
@@ -322,11 +334,11 @@ def test_ignore_below_reaches_the_pseudolabel_tool_and_is_checked(tmp_path, monk
 
 def test_radiologist_trained_before_teaches_as_it_is(pipeline_run, tmp_path):
     """radiologists: [{name, dir}]: a finished training from elsewhere (here the first run's final
-    model) labels the pool without being trained again, and no later --from removes it."""
+    student) labels the pool without being trained again, and no later --from removes it."""
     from d2ct.pipeline.runner import Pipeline
 
     out, _, _, _ = pipeline_run
-    teacher = out / "final"
+    teacher = out / "student_r1"
     before = {p.name: p.stat().st_mtime_ns for p in teacher.iterdir()}
     run = tmp_path / "run"
     sets = [f"output_dir={run}", f"data.root={out}/data/phantom", *TINY_PIPELINE[:1], *TINY_PIPELINE[4:],
@@ -334,7 +346,7 @@ def test_radiologist_trained_before_teaches_as_it_is(pipeline_run, tmp_path):
     proc = run_tool("run_pipeline.py", "--config", "configs/demo/pipeline.yaml", "--until", "pseudolabel",
                     "--set", *sets, timeout=600)
     assert "radiologist teacher: trained before" in proc.stdout + proc.stderr
-    stats = json.loads((run / "pseudolabels" / "stats.json").read_text())
+    stats = json.loads((run / "pseudolabels_r1" / "stats.json").read_text())
     assert [(r["name"], r["assigned"]) for r in stats["radiologists"]] == [("teacher", stats["pool_images"])]
     assert not (run / "radiologists").exists()
     pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", sets))
@@ -349,7 +361,25 @@ def test_radiologist_trained_before_teaches_as_it_is(pipeline_run, tmp_path):
             (f"{{name: t, dir: {tmp_path / 'nowhere'}}}", "does not exist"),
             (f"{{name: t, dir: {teacher}, config: configs/demo/radiologist_r50.yaml}}", "not both"),
             (f"{{name: t, dir: {teacher}, opts: [SOLVER.MAX_ITER, 5]}}", "a radiologist given by 'dir' is not trained"),
-            (f"{{name: final, dir: {teacher}}}", "the name 'final' is the pipeline's own"),
+            (f"{{name: baseline, dir: {teacher}}}", "the name 'baseline' is the pipeline's own"),
+            (f"{{name: student_r1, dir: {teacher}}}", "the name 'student_r1' is the pipeline's own"),
             ("{config: configs/demo/radiologist_r50.yaml, treshold: 0.5}", r"unknown key\(s\) treshold")):
         with pytest.raises(ConfigError, match=message):
             load_pipeline_config("configs/demo/pipeline.yaml", [f"radiologists=[{entry}]"])
+
+
+def test_a_changed_threshold_remakes_the_pseudo_labels_and_the_student_only(pipeline_run):
+    """The real tools: a radiologist's pseudo-label threshold changed in the settings makes the
+    pseudo-labels and the student again (never a new marker over old outputs); the radiologists stay."""
+    out, args, _, _ = pipeline_run
+    r50 = (out / "radiologists" / "r50" / "model_final.pth").stat().st_mtime_ns
+    student = (out / "student_r1" / "model_final.pth").stat().st_mtime_ns
+    proc = run_tool("run_pipeline.py", *args, "radiologists.0.threshold=0.3", timeout=900)
+    log = proc.stdout + proc.stderr
+    assert "stage radiologists done (skipped)" in log and "stage pseudolabel  running" in log
+    assert "pseudolabels_r1: made with other settings (teachers" in log
+    assert (out / "radiologists" / "r50" / "model_final.pth").stat().st_mtime_ns == r50
+    assert (out / "student_r1" / "model_final.pth").stat().st_mtime_ns != student
+    stats = json.loads((out / "pseudolabels_r1" / "stats.json").read_text())
+    assert [r["threshold"] for r in stats["radiologists"]] == [0.3, 0.0, 0.0]
+    assert "| 1 | r50 (0.3), r101 (0), x101 (0) |" in (out / "report" / "report.md").read_text()

@@ -2,7 +2,6 @@
 and tools/convert_to_coco.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -289,14 +288,12 @@ def test_ensure_registered_from_roots(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# tools/convert_to_coco.py
+# d2ct-convert-to-coco (d2ct.data.cli.convert_to_coco; tools/convert_to_coco.py)
 # --------------------------------------------------------------------------------------------------
 def _tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "convert_to_coco.py"
-    spec = importlib.util.spec_from_file_location("convert_to_coco", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from d2ct.data.cli import convert_to_coco
+
+    return convert_to_coco
 
 
 def test_convert_tool(tmp_path, capsys):

@@ -8,7 +8,6 @@ inferior one (smallest z).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -367,9 +366,7 @@ def test_existing_output_and_tool(tmp_path, capsys):
     with pytest.raises(DataError, match="not empty"):
         import_volume(img_path, out, progress=False)
     assert (out / "keep.txt").exists()
-    spec = importlib.util.spec_from_file_location("import_volume_tool", Path(__file__).parents[1] / "tools" / "import_volume.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from d2ct.data.cli import import_volume as tool
     assert tool.main([str(img_path), "--out", str(out), "--overwrite", "--z-range", "1:3", "--size", "16"]) == 0
     assert sorted(p.name for p in (out / "images").iterdir()) == ["0.png", "1.png"] and not (out / "keep.txt").exists()
     assert tool.main([str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o2")]) == 2

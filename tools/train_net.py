@@ -1,37 +1,12 @@
 #!/usr/bin/env python
 """Train (or evaluate) a d2ct Mask R-CNN: a radiologist or the final model.
 
-Examples:
-  python tools/train_net.py --config configs/radiologist_r50.yaml --num-gpus 2
-  python tools/train_net.py --config configs/scratch/radiologist_r50.yaml OUTPUT_DIR output/r50
-  python tools/train_net.py --config configs/final.yaml --resume          # continue a killed run
-  python tools/train_net.py --config configs/final.yaml --eval-only MODEL.WEIGHTS output/final/model_best.pth
-Two machines: add --num-machines 2 --machine-rank {0,1} --dist-url tcp://HOST0:PORT on each.
+A shim: the command is d2ct.engine.train_net.main; the same command:
+`d2ct-train` or `python -m d2ct.engine.train_net`.
 """
 import sys
 
-from d2ct.engine import Trainer, default_argument_parser, launch_cli, setup
-from d2ct.engine.checkpoint import AtomicCheckpointer
-
-
-def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
-
-
-def cli(argv=None):
-    parser = default_argument_parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2])
-    args = parser.parse_args(argv)
-    if not args.config_file:
-        parser.error("--config FILE is required (for example configs/demo/radiologist_r50.yaml)")
-    return launch_cli(main, args)
-
+from d2ct.engine.train_net import main
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

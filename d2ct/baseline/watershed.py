@@ -149,8 +149,10 @@ def _to_unit_float(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype == np.uint8:
         return image.astype(np.float64) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float64) / 65535.0
+    if image.dtype == np.uint16:  # HU + 1024: the same window every other consumer uses
+        from d2ct.data.images import slice_to_uint8
+
+        return slice_to_uint8(image).astype(np.float64) / 255.0
     image = image.astype(np.float64)
     lo, hi = float(image.min()), float(image.max())
     return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)

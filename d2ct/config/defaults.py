@@ -17,6 +17,10 @@ def add_d2ct_config(cfg: CN) -> CN:
     # has slices on both sides; "" splits image by image. MANIFEST: default <DATA_ROOT>/manifest.csv.
     _C.D2CT.SPLIT_GROUP_BY = ""
     _C.D2CT.MANIFEST = ""
+    # A split file (splits_final.json, written once by the pipeline's data stage): its train / val /
+    # unlabelled / test names are used as they are; VAL_FRACTION, SPLIT_SEED and SPLIT_GROUP_BY are
+    # then ignored. "" computes the split from those keys.
+    _C.D2CT.SPLIT_FILE = ""
     _C.D2CT.SPLIT_COMPONENTS = False  # one instance per connected component instead of per label
     _C.D2CT.MIN_AREA = 0  # instances below this many pixels are dropped from training data
     # Pseudo-labelled sets (COCO JSON written by tools/pseudolabel.py), registered as

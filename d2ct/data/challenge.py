@@ -211,15 +211,15 @@ class ChallengeDataset:
                 raise DataError(f"{labels_path}: labels CSV not found (option labels)")
         else:
             candidates = TEST_LABEL_FILES if img_dir.name == "test-images" else LABEL_FILES
-            labels_path = next((root / c for c in candidates if (root / c).is_file()), None)
+            found = [root / c for c in candidates if (root / c).is_file()]
+            if len(found) > 1:  # never pick one of two label files silently
+                raise DataError(f"{root}: both {found[0].name} and {found[1].name} exist; remove one, or name "
+                                "the one to use (option labels)")
+            labels_path = found[0] if found else None
         table = None
         if labels_path is not None:
+            # read_labels_csv raises DataError when a file (plain or transposed) has another count
             table = read_labels_csv(labels_path, expected_pixels=shape[0] * shape[1])
-            if table.n_pixels != shape[0] * shape[1]:  # transposed files are checked here
-                raise DataError(
-                    f"{labels_path}: {table.n_pixels} pixels per image, but the images are "
-                    f"{shape[0]}x{shape[1]} = {shape[0] * shape[1]} pixels"
-                )
             if any(c not in name_set for c in table.names) and all(
                 c in name_set or (c.isdigit() and f"{c}.png" in name_set) for c in table.names
             ):  # columns named by bare ids (17 for 17.png), e.g. a transposed file's first column
@@ -229,9 +229,12 @@ class ChallengeDataset:
                 )
             extra = [c for c in table.names if c not in name_set]
             if extra:
+                by_lower = {n.lower(): n for n in names}
+                hint = (f"; names are case-sensitive: the image is {by_lower[extra[0].lower()]!r}"
+                        if extra[0].lower() in by_lower else "")
                 raise DataError(
                     f"{labels_path}: column {extra[0]!r} has no image in {img_dir}"
-                    + (f" ({len(extra)} such columns)" if len(extra) > 1 else "")
+                    + (f" ({len(extra)} such columns)" if len(extra) > 1 else "") + hint
                 )
             missing = [n for n in names if n not in table]
             if missing:

@@ -29,6 +29,7 @@ from scipy import ndimage
 from detectron2.structures import BoxMode
 
 from d2ct.errors import DataError
+from d2ct.utils.masks import encode_masks
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ __all__ = [
     "CATEGORY_NAME",
     "COCO_CATEGORY_ID",
     "label_map_to_instances",
-    "encode_masks",
     "dataset_dicts",
     "to_coco_json",
     "load_coco_dicts",
@@ -71,20 +71,9 @@ def _check_label_map(label_map: np.ndarray) -> np.ndarray:
     return label_map
 
 
-def encode_masks(stack_khw_t: np.ndarray) -> list[dict]:
-    """Encode a (K, W, H) C-contiguous bool/uint8 stack (the transpose of an (H, W, K) Fortran array)
-    with one pycocotools call; returns RLE dicts with ``counts`` as str."""
-    if stack_khw_t.shape[0] == 0:
-        return []
-    fortran = stack_khw_t.view(np.uint8).transpose(2, 1, 0)  # (H, W, K), Fortran-contiguous, no copy
-    rles = mask_util.encode(fortran)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
-
-
-def _instances_from_stack(stack_khw_t: np.ndarray, values: Sequence[int], min_area: int) -> list[dict]:
-    rles = encode_masks(stack_khw_t)
+def _instances_from_stack(stack: np.ndarray, values: Sequence[int], min_area: int) -> list[dict]:
+    """Annotations of the (K, H, W) bool stack, one per mask (label value ``values[k]``)."""
+    rles = encode_masks(stack)
     if not rles:
         return []
     areas = mask_util.area(rles)
@@ -131,12 +120,12 @@ def label_map_to_instances(
     if values.size == 0:
         return []
     # Work on the transposed map (W, H), made contiguous once: comparing it against each value gives a
-    # C-contiguous (K, W, H) stack whose transpose is the (H, W, K) Fortran array pycocotools encodes
-    # in one call, without another copy.
+    # C-contiguous (K, W, H) stack; its (K, H, W) view is what encode_masks takes, and it encodes it
+    # in one pycocotools call without another copy.
     if not split_components:
         lt = np.ascontiguousarray(label_map.T)
         stack = np.equal(lt[None, :, :], values.astype(np.uint8)[:, None, None], order="C")
-        return _instances_from_stack(stack, values.tolist(), min_area)
+        return _instances_from_stack(stack.transpose(0, 2, 1), values.tolist(), min_area)
 
     # Components: label each value inside its bounding box (find_objects), in the map's own row-major
     # orientation so components come in scan order, and paint them into one component-id map.
@@ -167,7 +156,7 @@ def label_map_to_instances(
     comp_t = np.ascontiguousarray(comp_map.T)
     ids = np.arange(1, len(comp_values) + 1, dtype=np.int32)
     stack = np.equal(comp_t[None, :, :], ids[:, None, None], order="C")
-    return _instances_from_stack(stack, comp_values, min_area)
+    return _instances_from_stack(stack.transpose(0, 2, 1), comp_values, min_area)
 
 
 # --------------------------------------------------------------------------------------------------

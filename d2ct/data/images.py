@@ -3,6 +3,11 @@
 - :func:`read_slice` returns a 2-D ``uint8`` or ``uint16`` array. RGB / RGBA / palette / gray+alpha
   images are converted to gray with a logged warning naming the file; a missing or corrupt file
   raises :class:`~d2ct.errors.DataError` naming the file.
+- :func:`slice_to_uint8` / :func:`read_slice_uint8`: the one way every consumer of pixels (models,
+  baseline, overlays) brings a slice to 8 bits. uint8 slices (the challenge format, already
+  windowed) pass through; uint16 slices are stored CT values, ``HU + 1024`` (the usual unsigned
+  storage, what tools/import_volume.py writes with ``--bits 16``), windowed to the soft-tissue window
+  (level 40, width 400 HU) like the challenge images.
 - :func:`write_slice` writes a PNG atomically (temp file + rename).
 - :func:`list_slices` lists the PNG file names of a folder in natural order (0, 1, 2, ..., 10).
 """
@@ -21,7 +26,13 @@ from d2ct.utils.fileio import atomic_write, natural_key
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_slice", "write_slice", "list_slices", "slice_size"]
+__all__ = ["read_slice", "read_slice_uint8", "slice_to_uint8", "write_slice", "list_slices", "slice_size",
+           "HU_OFFSET", "WINDOW_LEVEL", "WINDOW_WIDTH"]
+
+# uint16 slices store HU + HU_OFFSET; they are shown to models and methods through this window
+HU_OFFSET = 1024.0
+WINDOW_LEVEL = 40.0
+WINDOW_WIDTH = 400.0
 
 _GRAY_8 = {"L"}
 _GRAY_16 = {"I;16", "I;16B", "I;16L", "I;16N"}
@@ -65,6 +76,25 @@ def read_slice(path: str | os.PathLike) -> np.ndarray:
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a 2-D image, got shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def slice_to_uint8(image: np.ndarray, level: float = WINDOW_LEVEL, width: float = WINDOW_WIDTH,
+                   offset: float = HU_OFFSET) -> np.ndarray:
+    """A slice in the uint8 display range the models are trained on (see the module docs): uint8
+    passes through; uint16 is read as HU + ``offset`` and windowed to [level - width/2, level + width/2]."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype != np.uint16:
+        raise DataError(f"expected a uint8 or uint16 slice, got {image.dtype}")
+    hu = image.astype(np.float32) - offset
+    low = level - width / 2.0
+    return np.clip((hu - low) * (255.0 / width), 0, 255).round().astype(np.uint8)
+
+
+def read_slice_uint8(path: str | os.PathLike) -> np.ndarray:
+    """:func:`read_slice`, then :func:`slice_to_uint8`: what every consumer of pixels should use."""
+    return slice_to_uint8(read_slice(path))
 
 
 def slice_size(path: str | os.PathLike, *, verify: bool = False) -> tuple[int, int]:

@@ -65,17 +65,26 @@ _LOCK = threading.RLock()
 def split_names(
     dataset: ChallengeDataset, split: str, *, val_fraction: float = 0.2, seed: int = 0,
     group_by: str | None = None, manifest: str | os.PathLike | None = None,
+    splits: Mapping[str, list[str]] | None = None,
 ) -> tuple[ChallengeDataset | None, list[str]]:
     """(data set, image names) of ``split`` of an opened data set: ``train`` / ``val`` (seeded split of
     the labelled images, see :func:`~d2ct.data.challenge.split_labelled`; with ``group_by``, a
     manifest column such as ``patient``, whole groups go to one side), ``labelled``,
     ``unlabelled``, ``all`` (every image) or ``test`` (the ``test-images/`` data set; (None, []) when
-    there is none)."""
+    there is none). ``splits``: the ``splits`` of a split file (:mod:`d2ct.data.splits`), whose names
+    are used as they are instead of computing the split."""
     if split not in SELECTABLE_SPLITS:
         raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SELECTABLE_SPLITS)}")
     if split == "test":
         test = dataset.test_split()
-        return (test, list(test.names)) if test is not None else (None, [])
+        if test is None:
+            return None, []
+        return test, list(splits["test"]) if splits is not None else list(test.names)
+    if splits is not None and split in ("train", "val", "unlabelled"):
+        return dataset, list(splits[split])
+    if splits is not None and split == "labelled":
+        chosen = set(splits["train"]) | set(splits["val"])
+        return dataset, [n for n in dataset.labelled_names if n in chosen]
     if split == "all":
         return dataset, list(dataset.names)
     if split == "labelled":
@@ -95,6 +104,7 @@ def split_dicts(
     seed: int = 0,
     group_by: str | None = None,
     manifest: str | os.PathLike | None = None,
+    splits: Mapping[str, list[str]] | None = None,
     split_components: bool = False,
     min_area: int = 0,
     workers: int | None = None,
@@ -103,7 +113,7 @@ def split_dicts(
     """Detectron2 dicts of one split (see :func:`split_names`). Unlabelled images always get
     ``annotations == []``; test images get annotations only when the test split has labels."""
     ds, names = split_names(dataset, split, val_fraction=val_fraction, seed=seed, group_by=group_by,
-                            manifest=manifest)
+                            manifest=manifest, splits=splits)
     if ds is None:
         return []
     if split == "unlabelled" or ds.labels_path is None:
@@ -150,10 +160,11 @@ class _ChallengeSource:
     """Opens the data set on first use and caches it and each split's dicts; a change of the image
     folder or labels file (mtime / size) invalidates the cache."""
 
-    def __init__(self, root: Path, open_kwargs: dict, options: dict):
+    def __init__(self, root: Path, open_kwargs: dict, options: dict, split_file=None):
         self.root = root
         self.open_kwargs = open_kwargs
         self.options = options
+        self.split_file = split_file
         self._dataset: ChallengeDataset | None = None
         self._stamp: tuple | None = None
         self._dicts: dict[str, list[dict]] = {}
@@ -171,6 +182,10 @@ class _ChallengeSource:
         if self._dataset is None:
             self._dataset = ChallengeDataset.open(self.root, **self.open_kwargs)
             self._stamp = self._current_stamp(self._dataset)
+            if self.split_file:  # the names a split file gives must be this data set's
+                from d2ct.data.splits import check_names, read_splits
+
+                check_names(read_splits(self.split_file), self._dataset, self.split_file)
         return self._dataset
 
     def dicts(self, split: str) -> list[dict]:
@@ -257,12 +272,15 @@ def register_challenge_dataset(
     image_dir: str | os.PathLike | None = None,
     labels: str | os.PathLike | bool | None = None,
     annotated: str | os.PathLike | bool | None = None,
+    split_file: str | os.PathLike | None = None,
 ) -> dict[str, str]:
     """Register ``<name>_train``, ``_val``, ``_labelled``, ``_unlabelled`` and (when ``root`` has
     ``test-images/``) ``_test`` from a challenge-layout folder; lazy (see the module docs). The same
     name with the same arguments again is a no-op; with different arguments the old registration is
     replaced. ``group_by``: a column of ``manifest`` (default ``<root>/manifest.csv``), e.g.
-    ``patient``, whose groups the train/val split keeps whole. Returns ``{split: registered name}``."""
+    ``patient``, whose groups the train/val split keeps whole. ``split_file``: a split file written by
+    the pipeline's data stage (:mod:`d2ct.data.splits`): its names are used instead of computing the
+    split (val_fraction, seed and group_by are then ignored). Returns ``{split: registered name}``."""
     if not name or not isinstance(name, str):
         raise ConfigError(f"data set name must be a non-empty string, got {name!r}")
     root_path = Path(root).expanduser()
@@ -277,17 +295,23 @@ def register_challenge_dataset(
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if int(min_area) < 0:
         raise ConfigError(f"min_area must be >= 0, got {min_area!r}")
+    splits = None
+    if split_file:
+        from d2ct.data.splits import read_splits
+
+        splits = read_splits(split_file)["splits"]
     norm = lambda v: v if v is None or isinstance(v, bool) else str(v)  # noqa: E731
     key = (
         "challenge", str(root_path), norm(image_dir), norm(labels), norm(annotated),
         val_fraction, int(seed), group_by or None, norm(manifest), bool(split_components), int(min_area),
+        repr(splits),
     )
     img_dir = _default_image_dir(root_path, image_dir)
     has_test = (root_path / "test-images").is_dir() and (
         img_dir is None or img_dir.resolve() != (root_path / "test-images").resolve()
     )
-    splits = [s for s in SPLITS if s != "test" or has_test]
-    full_names = {s: f"{name}_{s}" for s in splits}
+    registered_splits = [s for s in SPLITS if s != "test" or has_test]
+    full_names = {s: f"{name}_{s}" for s in registered_splits}
 
     with _LOCK:
         if (
@@ -306,7 +330,8 @@ def register_challenge_dataset(
             root_path,
             {"image_dir": image_dir, "labels": labels, "annotated": annotated},
             {"val_fraction": val_fraction, "seed": int(seed), "group_by": group_by or None, "manifest": manifest,
-             "split_components": bool(split_components), "min_area": int(min_area)},
+             "splits": splits, "split_components": bool(split_components), "min_area": int(min_area)},
+            split_file=split_file,
         )
         for split, full in full_names.items():
             DatasetCatalog.register(full, lambda split=split: source.dicts(split))
@@ -316,6 +341,7 @@ def register_challenge_dataset(
                 image_root=str(root_path / "test-images") if split == "test" else (str(img_dir) if img_dir else None),
                 base_name=name,
                 split=split,
+                split_file=str(split_file) if split_file else None,
                 val_fraction=val_fraction,
                 split_seed=int(seed),
                 split_group_by=group_by or None,

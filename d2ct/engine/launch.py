@@ -59,17 +59,15 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
 
 def launch_cli(main_func, args) -> int:
     """The tools' entry: ``launch(main_func, ...)`` with the launcher options parsed into ``args``
-    (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``); a d2ct error (bad
-    input, option or weights) becomes one line on stderr and exit status 2."""
-    from d2ct.errors import D2CTError
+    (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``); exit status 0, or
+    as :func:`d2ct.utils.cli.run_cli` says (a d2ct error: one line on stderr, status 2)."""
+    from d2ct.utils.cli import run_cli
 
-    try:
+    def body() -> None:  # main_func's own result (e.g. the evaluation results) is not a status
         launch(main_func, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
-    except D2CTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout):

@@ -17,7 +17,7 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from d2ct.data.images import read_slice
+from d2ct.data.images import read_slice, slice_to_uint8  # noqa: F401  (slice_to_uint8: re-exported)
 from d2ct.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -28,20 +28,6 @@ MAX_SAFE_INTENSITY_JITTER = 0.10
 # proposals matched to such an instance (IoU >= the foreground threshold) are sampled neither as
 # foreground nor as background, so they add no box, class or mask loss.
 IGNORE_CLASS = -1
-
-
-def slice_to_uint8(image: np.ndarray, level: float = 40.0, width: float = 400.0, offset: float = 1024.0) -> np.ndarray:
-    """Bring a slice to the uint8 display range the models are trained on.
-
-    uint8 slices (the challenge format: already windowed) pass through. uint16 slices are read
-    as stored CT values, HU + ``offset`` (the usual unsigned storage), and windowed to
-    [level - width/2, level + width/2] like the challenge images.
-    """
-    if image.dtype == np.uint8:
-        return image
-    hu = image.astype(np.float32) - offset
-    low = level - width / 2.0
-    return np.clip((hu - low) * (255.0 / width), 0, 255).round().astype(np.uint8)
 
 
 def read_model_image(path: str) -> np.ndarray:

@@ -27,6 +27,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 from d2ct.errors import ConfigError
+from d2ct.utils.masks import mask_iou
 
 from .mapper import CTDatasetMapper, read_model_image
 
@@ -86,15 +87,6 @@ def _soft_instances(model, batched_inputs: list[dict]) -> list[tuple[np.ndarray,
     return out
 
 
-def _binary_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix between two stacks of binary masks (N, H, W) and (M, H, W)."""
-    a2 = a.reshape(len(a), -1).astype(np.float32)
-    b2 = b.reshape(len(b), -1).astype(np.float32)
-    inter = a2 @ b2.T
-    union = a2.sum(1)[:, None] + b2.sum(1)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-
-
 def fuse_views(views: Sequence[tuple[np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Fuse the instances of two views of one image (e.g. original and flipped back).
 
@@ -107,7 +99,7 @@ def fuse_views(views: Sequence[tuple[np.ndarray, np.ndarray]], iou_threshold: fl
         scores = np.concatenate([s1, s2]) * 0.5
         masks = np.concatenate([m1, m2]) if len(s1) + len(s2) else m1
         return scores.astype(np.float32), masks
-    iou = _binary_iou(m1 >= 128, m2 >= 128)
+    iou = mask_iou(m1 >= 128, m2 >= 128)
     rows, cols = linear_sum_assignment(-iou)
     matched = [(r, c) for r, c in zip(rows, cols) if iou[r, c] >= iou_threshold]
     used1 = {r for r, _ in matched}

@@ -37,7 +37,7 @@ def register_datasets_from_cfg(cfg) -> dict[str, str]:
     names = register_challenge_dataset(
         d2.DATA_NAME, d2.DATA_ROOT, val_fraction=d2.VAL_FRACTION, seed=d2.SPLIT_SEED,
         group_by=d2.SPLIT_GROUP_BY or None, manifest=d2.MANIFEST or None,
-        split_components=d2.SPLIT_COMPONENTS, min_area=d2.MIN_AREA,
+        split_components=d2.SPLIT_COMPONENTS, min_area=d2.MIN_AREA, split_file=d2.SPLIT_FILE or None,
     )
     for i, path in enumerate(d2.PSEUDO_LABELS):
         name = f"{d2.DATA_NAME}_pseudo" + (str(i) if i else "")

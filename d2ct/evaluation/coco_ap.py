@@ -24,36 +24,16 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from d2ct.utils.masks import encode_mask, encode_masks
+
 __all__ = [
     "AP_KEYS",
-    "encode_mask",
-    "encode_masks",
     "label_map_to_rles",
     "coco_ap",
     "coco_ap_from_label_maps",
 ]
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def encode_mask(mask: np.ndarray) -> dict:
-    """RLE of one binary (H, W) mask, counts as str (JSON-friendly, what Detectron2 stores)."""
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
-def encode_masks(masks: np.ndarray) -> list[dict]:
-    """RLEs of an (N, H, W) stack of binary masks."""
-    masks = np.asarray(masks)
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
-    if len(masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    for r in rles:
-        r["counts"] = r["counts"].decode("ascii")
-    return rles
 
 
 def label_map_to_rles(label_map: np.ndarray) -> tuple[list[dict], np.ndarray]:

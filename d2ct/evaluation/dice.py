@@ -27,8 +27,9 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from d2ct.evaluation.ari import contingency_table
+from d2ct.utils.masks import iou_from_overlaps
 
-__all__ = ["MatchResult", "match_structures", "dice_per_image", "iou_matrix"]
+__all__ = ["MatchResult", "match_structures", "dice_per_image", "label_overlaps"]
 
 
 @dataclass
@@ -90,8 +91,9 @@ class MatchResult:
         }
 
 
-def iou_matrix(true: np.ndarray, pred: np.ndarray):
-    """(true_labels, pred_labels, intersections, true_areas, pred_areas) for the non-zero labels."""
+def label_overlaps(true: np.ndarray, pred: np.ndarray):
+    """(true_labels, pred_labels, intersections, true_areas, pred_areas) of the non-zero labels of
+    two label maps, from one contingency table (IoUs: :func:`d2ct.utils.masks.iou_from_overlaps`)."""
     true = np.asarray(true)
     pred = np.asarray(pred)
     if true.shape != pred.shape:
@@ -115,10 +117,9 @@ def iou_matrix(true: np.ndarray, pred: np.ndarray):
 
 def match_structures(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> MatchResult:
     """One-to-one IoU matching of the structures (non-zero labels) of two label maps."""
-    t_labels, p_labels, inter, t_area, p_area = iou_matrix(true, pred)
+    t_labels, p_labels, inter, t_area, p_area = label_overlaps(true, pred)
     inter = inter.astype(np.float64)
-    union = t_area[:, None] + p_area[None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    iou = iou_from_overlaps(inter, t_area, p_area)
     if iou.size and iou.max() > 0:
         rows, cols = linear_sum_assignment(iou, maximize=True)
         ok = iou[rows, cols] > 0

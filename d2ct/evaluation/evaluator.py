@@ -10,7 +10,7 @@ For every image, :class:`CTSegmentationEvaluator` takes the model's ``instances`
   scores that map against the truth label map rebuilt from the dataset dict's annotations (each
   annotation's mask painted with its ``label_value``, in annotation order; annotations without
   ``label_value`` get 1, 2, ...): ARI over all pixels, ARI on truth foreground, Dice, recall and
-  precision at IoU 0.5 (:func:`d2ct.evaluation.report.score_image`).
+  precision at IoU 0.5 (:func:`d2ct.evaluation.metrics.score_image`).
 
 The truth is looked up by ``image_id`` in ``DatasetCatalog.get(dataset_name)`` (Detectron2's test
 mapper drops the annotations from the model inputs).  Works under distributed inference: the
@@ -36,9 +36,11 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from d2ct.errors import DataError
-from d2ct.evaluation.coco_ap import AP_KEYS, coco_ap, encode_masks
-from d2ct.evaluation.report import PER_IMAGE_COLUMNS, score_image, summarize
+from d2ct.evaluation.coco_ap import AP_KEYS, coco_ap
+from d2ct.evaluation.metrics import score_image
+from d2ct.evaluation.report import PER_IMAGE_COLUMNS, summarize
 from d2ct.utils.fileio import atomic_write, atomic_write_json
+from d2ct.utils.masks import encode_masks
 
 try:  # Detectron2 is a hard dependency of the trainer, not of the metric code
     from detectron2.evaluation import DatasetEvaluator

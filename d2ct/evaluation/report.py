@@ -1,6 +1,6 @@
 """Evaluate label maps (arrays or challenge CSVs) and write the report files.
 
-:func:`evaluate_label_maps` scores every image (:func:`score_image`: ARI over all pixels, ARI
+:func:`evaluate_label_maps` scores every image (:func:`d2ct.evaluation.metrics.score_image`: ARI over all pixels, ARI
 excluding truth background, Dice / recall / precision after one-to-one IoU matching) and, when
 asked, the class-agnostic COCO mask AP over the whole set; :func:`evaluate_csv` does it for a truth
 CSV and a prediction CSV in the challenge layout.  :func:`write_report` writes ``summary.json``,
@@ -28,11 +28,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from d2ct.data.manifest import load_manifest  # noqa: F401  (re-exported: tools/evaluate.py)
+from d2ct.data.manifest import load_manifest  # noqa: F401  (re-exported: d2ct.evaluation.cli)
 from d2ct.errors import ConfigError, DataError
-from d2ct.evaluation.ari import adjusted_rand_index
 from d2ct.evaluation.coco_ap import AP_KEYS, coco_ap, label_map_to_rles
-from d2ct.evaluation.dice import match_structures
+from d2ct.evaluation.metrics import score_image
 from d2ct.utils.fileio import atomic_path, atomic_write, atomic_write_json, natural_key
 
 __all__ = [
@@ -51,20 +50,6 @@ __all__ = [
 ]
 
 PER_IMAGE_COLUMNS = ["name", "ARI", "ARI_fg", "Dice", "Dice_all", "Recall50", "Precision50", "n_true", "n_pred", "tp50"]
-
-
-def score_image(true: np.ndarray, pred: np.ndarray) -> dict:
-    """Per-image scores: ARI, ARI_fg, Dice, Dice_all, Recall50, Precision50, n_true, n_pred, tp50."""
-    true = np.asarray(true)
-    pred = np.asarray(pred)
-    if true.shape != pred.shape:
-        raise DataError(f"true label map is {true.shape} but the prediction is {pred.shape}")
-    out = {
-        "ARI": adjusted_rand_index(true, pred),
-        "ARI_fg": adjusted_rand_index(true, pred, exclude_background=True),
-    }
-    out.update(match_structures(true, pred).as_dict())
-    return out
 
 
 def _nanmean(x) -> float:

@@ -51,14 +51,17 @@ DEFAULTS: dict[str, Any] = {
         # ignore regions in the final training (null: dropped, the published method)
         "ignore_below": None,
     },
-    # init: "scratch" (the final config's MODEL.WEIGHTS, the published method), "best" (the
-    # teachers' model with the highest validation mask AP: a warm start, a student that begins
-    # where its best teacher stopped) or a radiologist's name. Rounds after the first start from
-    # the previous round's final model unless init is "scratch". pseudo_labels: false trains the
-    # final model on the labelled images alone (the ablation that shows what pseudo-labels add).
-    # labelled_repeat: the labelled split is listed this many times in DATASETS.TRAIN, so a few
-    # hundred human labels are not outnumbered by several times as many pseudo-labelled slices.
-    "final": {"config": None, "threshold": 0.7, "opts": [], "init": "scratch", "pseudo_labels": True,
+    # The students: round k's student (student_r<k>) trains on the labelled + pseudolabels_r<k>
+    # slices; the last round's student is the final model. init: "scratch" (the final config's
+    # MODEL.WEIGHTS, the published method), "best" (the teachers' model with the highest validation
+    # mask AP: a warm start, a student that begins where its best teacher stopped) or a radiologist's
+    # name. Rounds after the first start from the previous student unless init is "scratch".
+    # teach_threshold: the score a student's instances need to become pseudo-labels when it teaches
+    # the next round (pseudolabel.rounds >= 2). pseudo_labels: false trains the students on the
+    # labelled images alone (the ablation that shows what pseudo-labels add). labelled_repeat: the
+    # labelled split is listed this many times in DATASETS.TRAIN, so a few hundred human labels are
+    # not outnumbered by several times as many pseudo-labelled slices.
+    "final": {"config": None, "teach_threshold": 0.7, "opts": [], "init": "scratch", "pseudo_labels": True,
               "labelled_repeat": 1},
     # score_threshold: a number, or "val": each model's threshold is chosen from threshold_grid by
     # its mean ARI on the validation split (predict/thresholds.json), so models are compared at
@@ -71,13 +74,18 @@ DEFAULTS: dict[str, Any] = {
 
 RADIOLOGIST_KEYS = ("name", "config", "dir", "threshold", "opts")
 # model names the pipeline gives its own models (final, final_r2, ...) and the baseline
-RESERVED_NAMES = ("baseline", "final")
+RESERVED_NAMES = ("baseline",)
+RESERVED_PREFIX = "student_r"
+# keys that were renamed: the old name gets a message saying the new one
+RENAMED_KEYS = {"final.threshold": "final.teach_threshold"}
 STAGES = ("data", "baseline", "radiologists", "pseudolabel", "final", "predict", "evaluate", "report")
 
 
 def _merge(base: dict, update: dict, where: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():
+        if where + key in RENAMED_KEYS:
+            raise ConfigError(f"pipeline key {where + key!r} is now {RENAMED_KEYS[where + key]!r}")
         if key not in base:
             raise ConfigError(f"unknown pipeline key {where + key!r} (known: {', '.join(sorted(base))})")
         if isinstance(base[key], dict) and isinstance(value, dict):
@@ -103,6 +111,8 @@ def _set(cfg: dict, dotted: str, value: Any) -> None:
             node = node[part]
         else:
             raise ConfigError(f"unknown pipeline key {dotted!r}")
+    if dotted in RENAMED_KEYS:
+        raise ConfigError(f"pipeline key {dotted!r} is now {RENAMED_KEYS[dotted]!r}")
     last = parts[-1]
     if isinstance(node, list):
         try:
@@ -159,8 +169,73 @@ def _check_trained_dir(r: dict, i: int, source: str) -> None:
             raise ConfigError(f"{where} has no {needed}: give the output folder of a finished training")
 
 
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+# dotted key -> (check, what a valid value is); checked before anything else uses the values
+_SCHEMA: dict[str, tuple] = {
+    "output_dir": (_is_text, "a folder path"),
+    "num_gpus": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "data.name": (_is_text, "a non-empty name"),
+    "data.root": (_is_text, "the data set folder"),
+    "data.phantom": (lambda v: v is None or isinstance(v, dict), "a mapping of phantom settings or null"),
+    "data.val_fraction": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                          "a number in [0, 1)"),
+    "data.split_seed": (_is_int, "a whole number >= 0"),
+    "data.group_by": (lambda v: v is None or _is_text(v), "a manifest column name or null"),
+    "data.manifest": (lambda v: v is None or _is_text(v), "a file path or null"),
+    "baseline.enabled": (lambda v: isinstance(v, bool), "true or false"),
+    "baseline.preset": (_is_text, "a preset name"),
+    "baseline.workers": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "radiologists": (lambda v: isinstance(v, list), "a list of radiologists"),
+    "radiologists_dir": (lambda v: v is None or _is_text(v), "a folder path or null"),
+    "pseudolabel.min_area": (_is_int, "a whole number >= 0"),
+    "pseudolabel.seed": (_is_int, "a whole number >= 0"),
+    "pseudolabel.rounds": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "pseudolabel.flip_tta": (lambda v: isinstance(v, bool), "true or false"),
+    "pseudolabel.batch_size": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "pseudolabel.limit": (_is_int, "a whole number >= 0 (0: the whole pool)"),
+    "pseudolabel.min_votes": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "pseudolabel.single_model_score": (lambda v: _is_score(v), "a score in [0, 1]"),
+    "final.teach_threshold": (lambda v: _is_score(v), "a score in [0, 1]"),
+    "final.init": (_is_text, "scratch, best or a radiologist's name"),
+    "final.pseudo_labels": (lambda v: isinstance(v, bool), "true or false"),
+    "final.labelled_repeat": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "predict.flip_tta": (lambda v: isinstance(v, bool), "true or false"),
+    "predict.min_area": (_is_int, "a whole number >= 0"),
+    "predict.fallback_top_k": (_is_int, "a whole number >= 0"),
+    "predict.batch_size": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "report.overlays": (_is_int, "a whole number >= 0"),
+}
+
+
+def _check_schema(cfg: dict, source: str) -> None:
+    for dotted, (check, wanted) in _SCHEMA.items():
+        node = cfg
+        for part in dotted.split("."):
+            node = node[part]
+        if not check(node):
+            raise ConfigError(f"{source}: {dotted} must be {wanted}, got {node!r}")
+    for i, r in enumerate(cfg["radiologists"]):
+        if not isinstance(r, dict):
+            continue  # named below
+        if "threshold" in r and not _is_score(r["threshold"]):
+            raise ConfigError(f"{source}: radiologists[{i}].threshold must be a score in [0, 1], got {r['threshold']!r}")
+        for key in ("name", "config", "dir"):
+            if key in r and not _is_text(r[key]):
+                raise ConfigError(f"{source}: radiologists[{i}].{key} must be a non-empty string, got {r[key]!r}")
+
+
 def validate(cfg: dict, source: str) -> None:
     data = cfg["data"]
+    if not data.get("root"):
+        raise ConfigError(f"{source}: data.root is required (the data set folder)")
+    _check_schema(cfg, source)
     if not data.get("root"):
         raise ConfigError(f"{source}: data.root is required (the data set folder)")
     if data["eval_split"] not in ("auto", "test", "val"):
@@ -180,9 +255,9 @@ def validate(cfg: dict, source: str) -> None:
         if "dir" in r:
             _check_trained_dir(r, i, source)
         r.setdefault("name", Path(r.get("config", "")).stem.replace("radiologist_", ""))
-        if r["name"] in RESERVED_NAMES or str(r["name"]).startswith("final_r"):
+        if r["name"] in RESERVED_NAMES or str(r["name"]).startswith(RESERVED_PREFIX):
             raise ConfigError(f"{source}: radiologists[{i}]: the name {r['name']!r} is the pipeline's own "
-                              "(baseline, final, final_r<k>); choose another")
+                              f"(baseline, {RESERVED_PREFIX}<k>); choose another")
         r.setdefault("threshold", 0.7)
         r.setdefault("opts", [])
         if not isinstance(r["opts"], list) or len(r["opts"]) % 2:
@@ -211,17 +286,16 @@ def validate(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: pseudolabel.ignore_below must be a score >= 0 or null, got {ignore!r}")
         if cfg["pseudolabel"]["mode"] != "partition":
             raise ConfigError(f"{source}: pseudolabel.ignore_below needs pseudolabel.mode partition")
-        low = min([r["threshold"] for r in rads] + [cfg["final"]["threshold"]])
+        teach = [cfg["final"]["teach_threshold"]] if int(cfg["pseudolabel"]["rounds"]) > 1 else []
+        low = min([r["threshold"] for r in rads] + teach)
         if ignore >= low:
             raise ConfigError(f"{source}: pseudolabel.ignore_below ({ignore}) must be below every pseudo-label "
-                              f"threshold (radiologists' and final.threshold; lowest {low})")
+                              f"threshold (radiologists' and, with rounds >= 2, final.teach_threshold; lowest {low})")
     threshold, grid = cfg["predict"]["score_threshold"], cfg["predict"]["threshold_grid"]
     if threshold != "val" and not _is_score(threshold):
         raise ConfigError(f"{source}: predict.score_threshold must be a score in [0, 1] or val, got {threshold!r}")
     if not isinstance(grid, list) or not grid or not all(_is_score(t) for t in grid):
         raise ConfigError(f"{source}: predict.threshold_grid must be a non-empty list of scores in [0, 1], got {grid!r}")
-    if int(cfg["pseudolabel"]["rounds"]) < 1:
-        raise ConfigError(f"{source}: pseudolabel.rounds must be at least 1")
     for key, opts in (("opts", cfg["opts"]), ("final.opts", cfg["final"]["opts"])):
         if not isinstance(opts, list) or len(opts) % 2:
             raise ConfigError(f"{source}: {key} must be a list of KEY, VALUE pairs")

@@ -62,22 +62,41 @@ def _best_worst_overlays(pipeline, out: Path, n: int) -> str | None:
     from d2ct.data.labels_csv import read_labels_csv
     from d2ct.visualization.overlay import comparison_grid
 
-    per_image = pipeline.out / "evaluate" / "final" / "per_image.csv"
+    final = pipeline.final_model_name()
+    per_image = pipeline.out / "evaluate" / final / "per_image.csv"
     if not per_image.exists() or n <= 0:
         return None
     df = pd.read_csv(per_image).dropna(subset=["ARI"]).sort_values("ARI")
     if df.empty:
         return None
     folder, names, truth_of = pipeline.eval_images()
-    pred = read_labels_csv(pipeline.out / "predict" / "final.csv")
+    pred = read_labels_csv(pipeline.out / "predict" / f"{final}.csv")
     shape = truth_of(names[0]).shape
     chosen = list(df.tail(n)["name"])[::-1] + list(df.head(n)["name"])
     chosen = list(dict.fromkeys(chosen))
     ari = dict(zip(df["name"], df["ARI"]))
     rows = [(folder / name, pred.label_map(name, shape), truth_of(name), f"{name}: ARI {ari[name]:.3f}")
             for name in chosen]
-    comparison_grid(rows, out / "best_worst.png", title=f"final model: best {n} (top) and worst {n} slices by ARI")
+    comparison_grid(rows, out / "best_worst.png", title=f"final model ({final}): best {n} (top) and worst {n} slices by ARI")
     return "best_worst.png"
+
+
+def _round_rows(pipeline) -> list[str]:
+    """One row per round: who taught, what the pseudo-labels hold, which student learned from them."""
+    scores = {row["model"]: row for row in read_json(pipeline.out / "evaluate" / "table.json")}
+    rows = ["| round | teachers (threshold) | pseudo-labels | slices kept of pool | structures | student | "
+            "student ARI |", "|---|---|---|---|---|---|---|"]
+    for k in range(1, pipeline.rounds() + 1):
+        teachers = ", ".join(f"{n} ({t:g})" for n, _, t in pipeline.teachers(k))
+        folder = pipeline.pseudolabel_dir(k)
+        stats = read_json(folder / "stats.json") if (folder / "stats.json").exists() else {}
+        student = pipeline.student_name(k)
+        used = pipeline.cfg["final"]["pseudo_labels"]
+        rows.append(f"| {k} | {teachers} | `{folder.name}/`{'' if used else ' (not used: final.pseudo_labels false)'} | "
+                    f"{stats.get('labelled_images', '-')} of {stats.get('pool_images', '-')} | "
+                    f"{stats.get('instances', '-')} | `{student}/`{' (final)' if k == pipeline.rounds() else ''} | "
+                    f"{_fmt(scores.get(student, {}).get('ARI'))} |")
+    return rows
 
 
 def pseudo_label_quality_rows(pipeline, stats: dict, thresholds=None) -> tuple[list[str], list[dict]] | None:
@@ -146,6 +165,10 @@ def write_pipeline_report(pipeline) -> Path:
         "(`predict.score_threshold`; `val`: each model's own, chosen on the validation split, "
         "`predict/thresholds.json`).",
         "",
+        "## Rounds",
+        "",
+        *_round_rows(pipeline),
+        "",
         "## Training",
         "",
         *_training_rows(pipeline),
@@ -161,13 +184,14 @@ def write_pipeline_report(pipeline) -> Path:
         lines += ["## Pseudo-labels", "", (pipeline.pseudolabel_dir(1) / "report.md").read_text().split("\n", 2)[2]
                   .replace("](", f"](../{pipeline.pseudolabel_dir(1).name}/"), ""]
         lines += _pseudo_label_quality(pipeline, read_json(stats_path))
-    hist = pipeline.out / "evaluate" / "final" / "ari_hist.png"
+    final = pipeline.final_model_name()
+    hist = pipeline.out / "evaluate" / final / "ari_hist.png"
     if hist.exists():
-        shutil.copyfile(hist, out / "ari_hist_final.png")
-        lines += ["## Per-image ARI of the final model", "", "![ARI histogram](ari_hist_final.png)", ""]
+        shutil.copyfile(hist, out / f"ari_hist_{final}.png")
+        lines += [f"## Per-image ARI of the final model ({final})", "", f"![ARI histogram](ari_hist_{final}.png)", ""]
     overlays = _best_worst_overlays(pipeline, out, int(pipeline.cfg["report"]["overlays"]) // 2 or 1)
     if overlays:
-        lines += ["## Best and worst slices (final model)", "", f"![best and worst]({overlays})", ""]
+        lines += [f"## Best and worst slices (final model, {final})", "", f"![best and worst]({overlays})", ""]
     timing = [f"| {stage} | {seconds:.0f} s |" for stage, seconds in pipeline.timings.items()]
     lines += ["## Time per stage", "", "| stage | time |", "|---|---|", *timing, "",
               f"Device: {_device()}", ""]
@@ -193,9 +217,10 @@ def _device() -> str:
     return f"CPU ({cpu}, {os.cpu_count()} cores)"
 
 
-def print_table(pipeline) -> str:
+def format_table(pipeline) -> str:
+    """The score table of a finished run (evaluate/table.json), as text."""
     table = read_json(pipeline.out / "evaluate" / "table.json")
     return score_table(table)
 
 
-__all__ = ["write_pipeline_report", "score_table", "print_table"]
+__all__ = ["write_pipeline_report", "score_table", "format_table"]

@@ -2,11 +2,21 @@
 
 data -> baseline -> radiologists -> pseudolabel -> final -> predict -> evaluate -> report
 
-Each stage writes into its own folder under ``output_dir`` and records a marker in
-``output_dir/stages/<stage>.json`` (with a fingerprint of the settings it ran with) once its
-outputs are complete; a stage whose marker matches is skipped, so a killed run resumes where it
-stopped (training stages also resume inside a model from its last checkpoint). ``from_stage``
-re-runs a stage and everything after it.
+The rounds of the method are named artefacts under ``output_dir``: the radiologists (the teachers
+of round 1) -> ``pseudolabels_r1/`` -> ``student_r1/`` (trained on the labelled + pseudo-labelled
+slices) -> ``pseudolabels_r2/`` (labelled by student_r1) -> ``student_r2/`` -> ...; the last student
+is the final model, whose predictions make ``submission.csv``.
+
+The data stage decides the split once and writes it to ``data/splits_final.json``; every later
+stage and every training run reads it from there.
+
+Each stage records a marker in ``output_dir/stages/<stage>.json`` (with a fingerprint of the
+settings it ran with, config files included) once its outputs are complete; a stage whose marker
+matches is skipped, and after a stage runs every later stage runs too. Each folder a stage fills
+records the settings it was made with (:mod:`d2ct.pipeline.provenance`): a stage that runs reuses
+or resumes a folder made with its current settings (a killed training continues from its last
+checkpoint) and rebuilds one made with other settings, so outputs always belong to the settings
+shown in the report. ``from_stage`` re-runs a stage and everything after it from scratch.
 
 Training, pseudo-labelling and prediction run the command-line tools as subprocesses with
 ``--num-gpus``: the same commands a user would type, each in a clean process, on one or
@@ -32,18 +42,61 @@ from d2ct.errors import D2CTError, DataError
 from d2ct.utils.fileio import atomic_write_json, atomic_write_text, read_json
 
 from .config import STAGES
+from .provenance import claim_folder, file_sha256, fingerprint
 
 logger = logging.getLogger("d2ct.pipeline")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-TOOLS = PROJECT_ROOT / "tools"
+# the tools the stages run, as modules (``python -m``): no need for the project's tools/ folder,
+# so an installed (non-editable) d2ct runs the pipeline too
+TOOLS = {"train_net.py": "d2ct.engine.train_net", "pseudolabel.py": "d2ct.pseudolabel.cli",
+         "predict.py": "d2ct.engine.predict"}
 
 
 class StageError(D2CTError):
     pass
 
 
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def config_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a Detectron2 YAML config and the local files its ``_BASE_`` chain names, so an
+    edited config file (or base) counts as changed settings."""
+    import yaml
+
+    h = hashlib.sha256()
+    seen = set()
+    todo = [Path(path)]
+    while todo:
+        p = todo.pop()
+        if p.resolve() in seen:
+            continue
+        seen.add(p.resolve())
+        try:
+            text = p.read_bytes()
+        except OSError:  # a model-zoo base name: fixed by the installed Detectron2
+            h.update(str(p).encode())
+            continue
+        h.update(text)
+        try:
+            base = (yaml.safe_load(text) or {}).get("_BASE_")
+        except (yaml.YAMLError, AttributeError):
+            base = None
+        if isinstance(base, str):
+            todo.append(p.parent / base)
+    return h.hexdigest()
+
+
+def data_folder_digest(root: Path) -> str:
+    """A cheap digest of a data set folder: the files at its top level by content (labels, annotated
+    lists, manifest) and every image by name and size."""
+    h = hashlib.sha256()
+    if not root.is_dir():
+        return "missing"
+    for p in sorted(root.iterdir()):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(file_sha256(p).encode())
+        elif p.is_dir():
+            for f in sorted(p.iterdir()):
+                h.update(f"{p.name}/{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
 
 
 class Pipeline:
@@ -62,15 +115,29 @@ class Pipeline:
     def _marker(self, stage: str) -> Path:
         return self.out / "stages" / f"{stage}.json"
 
+    def _radiologist_settings(self, r: dict) -> dict:
+        if r.get("dir"):  # trained before: what it is, by its checkpoints' size and time
+            stats = {f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+                     for f in (Path(r["dir"]) / "model_best.pth", Path(r["dir"]) / "model_final.pth") if f.exists()}
+            return {"name": r["name"], "dir": str(Path(r["dir"]).resolve()), "checkpoints": stats}
+        return {"name": r["name"], "config": r["config"], "config_digest": config_digest(r["config"]), "opts": r["opts"]}
+
     def _stage_settings(self, stage: str) -> dict:
+        """What a stage's outputs depend on: its own settings and every earlier stage's (config file
+        contents included), so an edited config or data set is a change like any other."""
         c = self.cfg
+        data = dict(c["data"])
+        if not data.get("phantom"):  # a data set on disk: its files are part of the settings
+            data["files"] = data_folder_digest(self.data_root)
         upstream = {
-            "data": {"data": c["data"]},
+            "data": {"data": data},
             "baseline": {"baseline": c["baseline"]},
-            "radiologists": {"radiologists": c["radiologists"], "opts": c["opts"],
-                             "radiologists_dir": c.get("radiologists_dir")},
-            "pseudolabel": {"pseudolabel": c["pseudolabel"], "thresholds": [r["threshold"] for r in c["radiologists"]]},
-            "final": {"final": c["final"], "opts": c["opts"], "rounds": c["pseudolabel"]["rounds"]},
+            "radiologists": {"radiologists": [self._radiologist_settings(r) for r in c["radiologists"]],
+                             "opts": c["opts"], "radiologists_dir": c.get("radiologists_dir")},
+            "pseudolabel": {"pseudolabel": {k: v for k, v in c["pseudolabel"].items() if k != "rounds"},
+                            "thresholds": {r["name"]: r["threshold"] for r in c["radiologists"]}},
+            "final": {"final": c["final"], "final_config_digest": config_digest(c["final"]["config"]),
+                      "rounds": c["pseudolabel"]["rounds"]},
             "predict": {"predict": c["predict"]},
             "evaluate": {},
             "report": {"report": c["report"]},
@@ -88,13 +155,13 @@ class Pipeline:
         if not marker.exists():
             return False
         try:
-            return read_json(marker).get("fingerprint") == _fingerprint(self._stage_settings(stage))
+            return read_json(marker).get("fingerprint") == fingerprint(self._stage_settings(stage))
         except ValueError:
             return False
 
     def _mark_done(self, stage: str, seconds: float, outputs: dict) -> None:
         atomic_write_json(self._marker(stage), {
-            "stage": stage, "fingerprint": _fingerprint(self._stage_settings(stage)), "seconds": round(seconds, 1),
+            "stage": stage, "fingerprint": fingerprint(self._stage_settings(stage)), "seconds": round(seconds, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs": outputs,
         })
 
@@ -102,10 +169,10 @@ class Pipeline:
         if stage == "radiologists":
             return [self.radiologists_root()]
         if stage == "pseudolabel":
-            return sorted(self.out.glob("pseudolabels*"))
+            return sorted(self.out.glob("pseudolabels_r*"))
         if stage == "final":
-            return sorted(self.out.glob("final*"))
-        return [self.out / stage] if stage not in ("data",) else [self.out / "data"]
+            return sorted(self.out.glob("student_r*"))
+        return [self.out / stage]
 
     def reset_from(self, stage: str) -> None:
         """Forget ``stage`` and every later stage: markers and their output folders."""
@@ -118,14 +185,15 @@ class Pipeline:
                     shutil.rmtree(d)
 
     def _run_tool(self, tool: str, args: list, log_name: str) -> None:
-        cmd = [self.python, str(TOOLS / tool), *[str(a) for a in args]]
+        cmd = [self.python, "-m", TOOLS[tool], *[str(a) for a in args]]
         log_path = self.out / "logs" / f"{log_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         logger.info("$ %s", " ".join(cmd))
         with open(log_path, "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+            # in the caller's folder: the config's relative paths are relative to it
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             tail = "".join(open(log_path).readlines()[-25:])
             raise StageError(f"{tool} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
@@ -150,19 +218,38 @@ class Pipeline:
         return {"val_fraction": data["val_fraction"], "seed": data["split_seed"],
                 "group_by": data.get("group_by") or None, "manifest": data.get("manifest") or None}
 
-    def eval_images(self) -> tuple[Path, list[str], Callable[[str], np.ndarray | None]]:
-        """(image folder, names, truth label map by name) of the split the pipeline scores."""
+    def split_file(self) -> Path:
+        """The split, decided once by the data stage (every later stage and training run reads it)."""
+        return self.out / "data" / "splits_final.json"
+
+    def splits(self) -> dict[str, list[str]]:
+        from d2ct.data.splits import read_splits
+
+        return read_splits(self.split_file())["splits"]
+
+    def split_digest(self) -> str:
+        """What the split file says, by content (not where it lies, so runs sharing radiologists agree)."""
+        from d2ct.data.splits import read_splits
+
+        record = read_splits(self.split_file())
+        return fingerprint({"splits": record["splits"], "data_digest": record["data_digest"]})
+
+    def _split_images(self, split: str) -> tuple[Path, list[str], Callable[[str], np.ndarray | None]]:
         from d2ct.data.register import split_names
 
-        data = self.cfg["data"]
-        ds, names = split_names(self.dataset(), self.eval_split(), **self._split_options())
+        ds, names = split_names(self.dataset(), split, splits=self.splits())
         if ds is None or not names:
-            raise StageError(f"{self.data_root}: the {self.eval_split()} split is empty")
+            raise StageError(f"{self.data_root}: the {split} split is empty ({self.split_file()})")
         return ds.image_dir, names, ds.label_map
+
+    def eval_images(self) -> tuple[Path, list[str], Callable[[str], np.ndarray | None]]:
+        """(image folder, names, truth label map by name) of the split the pipeline scores."""
+        return self._split_images(self.eval_split())
 
     def stage_data(self) -> dict:
         from d2ct.data.coco import dataset_dicts, to_coco_json
         from d2ct.data.register import split_names
+        from d2ct.data.splits import check_names, make_splits, write_splits
 
         data = self.cfg["data"]
         if data.get("phantom"):
@@ -171,9 +258,12 @@ class Pipeline:
             write_phantom_dataset(self.data_root, **data["phantom"])
         ds = self.dataset()
         out = self.out / "data"
+        record = make_splits(ds, **self._split_options())
+        check_names(record, ds, self.split_file())
+        write_splits(self.split_file(), record)
         counts = {}
         for split in ("train", "val", "unlabelled", "test"):
-            split_ds, names = split_names(ds, split, **self._split_options())
+            split_ds, names = split_names(ds, split, splits=record["splits"])
             if split_ds is None or not names:
                 continue
             with_annotations = split != "unlabelled" and split_ds.labels_path is not None
@@ -186,8 +276,9 @@ class Pipeline:
         preview = [(ds.image_path(n), ds.label_map(n), n) for n in ds.labelled_names[:8]]
         overlay_grid(preview, out / "preview.png", title=f"{self.name}: labelled slices")
         atomic_write_json(out / "summary.json", {"root": str(self.data_root), "shape": list(ds.shape),
-                                                 "eval_split": self.eval_split(), "splits": counts})
-        return {"summary": str(out / "summary.json"), "splits": counts}
+                                                 "eval_split": self.eval_split(), "splits": counts,
+                                                 "split_file": str(self.split_file())})
+        return {"summary": str(out / "summary.json"), "splits": counts, "split_file": str(self.split_file())}
 
     # ------------------------------------------------------------------------------------------
     # classical baseline
@@ -200,7 +291,11 @@ class Pipeline:
             return {"skipped": True}
         folder, names, _ = self.eval_images()
         out = self.out / "baseline"
-        run_baseline(folder, out / "predictions.csv", b["preset"], names=names, workers=int(b["workers"]))
+        settings = {"preset": b["preset"], "images": fingerprint(names), "split": self.split_digest()}
+        if claim_folder(out, settings, what="baseline predictions") and (out / "predictions.csv").exists():
+            logger.info("%s: made with these settings: reused", out / "predictions.csv")
+        else:
+            run_baseline(folder, out / "predictions.csv", b["preset"], names=names, workers=int(b["workers"]))
         return {"predictions": str(out / "predictions.csv")}
 
     # ------------------------------------------------------------------------------------------
@@ -208,29 +303,51 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------
     def _train_opts(self, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None,
                     model_opts: list | None = None) -> list[str]:
-        data = self.cfg["data"]
         opts = [
             "OUTPUT_DIR", str(output_dir),
             "D2CT.DATA_NAME", self.name,
             "D2CT.DATA_ROOT", str(self.data_root),
-            "D2CT.VAL_FRACTION", str(data["val_fraction"]),
-            "D2CT.SPLIT_SEED", str(data["split_seed"]),
-            "D2CT.SPLIT_GROUP_BY", str(data.get("group_by") or ""),
-            "D2CT.MANIFEST", str(data.get("manifest") or ""),
+            "D2CT.SPLIT_FILE", str(self.split_file()),
             "DATASETS.TRAIN", "(" + "".join(f"'{s}'," for s in train_sets) + ")",
             "DATASETS.TEST", f"('{self.name}_val',)",
             "D2CT.PSEUDO_LABELS", json.dumps(pseudo or []),
         ]
         return opts + [str(o) for o in self.cfg["opts"]] + [str(o) for o in (model_opts or [])]
 
+    def training_settings(self, config: str, opts: list[str]) -> dict:
+        """What a trained model depends on: its whole merged config (bases and overrides included),
+        the split and the pseudo-labels by content, and a local starting checkpoint by content. Paths
+        that only say where things lie (OUTPUT_DIR, the split and pseudo-label files) are left out, so
+        runs that share a radiologists_dir agree on what is the same model."""
+        import yaml
+
+        from d2ct.config import setup_cfg
+
+        cfg = yaml.safe_load(setup_cfg(config, opts, quiet=True).dump())
+        cfg.pop("OUTPUT_DIR", None)
+        cfg["MODEL"].pop("DEVICE", None)  # the same model whether this host trains it on a GPU or not
+        cfg["D2CT"].pop("SPLIT_FILE", None)
+        pseudo = cfg["D2CT"].pop("PSEUDO_LABELS", [])
+        weights = cfg["MODEL"].get("WEIGHTS")
+        if weights and Path(weights).is_file():
+            cfg["MODEL"]["WEIGHTS"] = "sha256:" + file_sha256(weights)
+        return {"config": cfg, "split": self.split_digest(), "pseudo_labels": [file_sha256(p) for p in pseudo]}
+
     def train(self, config: str, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None,
               model_opts: list | None = None) -> Path:
-        """Train one model (resuming a killed run); skipped when model_final.pth exists."""
-        if (output_dir / "model_final.pth").exists():
-            logger.info("%s: already trained", output_dir)
-            return output_dir
-        self._run_tool("train_net.py", ["--config", config, "--num-gpus", self.cfg["num_gpus"], "--resume",
-                                        *self._train_opts(output_dir, train_sets, pseudo, model_opts)], output_dir.name)
+        """Train one model: skipped when ``output_dir`` holds a finished training with these settings,
+        resumed from its last checkpoint when it holds an unfinished one, trained anew otherwise (a
+        folder made with other settings is removed first, unless it lies outside this run's folder:
+        then it is an error)."""
+        opts = self._train_opts(output_dir, train_sets, pseudo, model_opts)
+        owned = output_dir.resolve().is_relative_to(self.out.resolve())
+        if claim_folder(output_dir, self.training_settings(config, opts), owned=owned, what="a trained model"):
+            if (output_dir / "model_final.pth").exists():
+                logger.info("%s: already trained with these settings", output_dir)
+                return output_dir
+            logger.info("%s: resuming an unfinished training with the same settings", output_dir)
+        self._run_tool("train_net.py", ["--config", config, "--num-gpus", self.cfg["num_gpus"], "--resume", *opts],
+                       output_dir.name)
         return output_dir
 
     def radiologists_root(self) -> Path:
@@ -251,30 +368,48 @@ class Pipeline:
         return outputs
 
     # ------------------------------------------------------------------------------------------
-    # pseudo-labels and the final model (round 1: the radiologists teach; round k: final k-1)
+    # rounds: teachers -> pseudolabels_r1 -> student_r1 -> pseudolabels_r2 -> student_r2 -> ...
+    # (round 1 is taught by the radiologists, round k by student k-1; the last student is final)
     # ------------------------------------------------------------------------------------------
-    def pseudolabel_dir(self, round_: int) -> Path:
-        return self.out / ("pseudolabels" if round_ == 1 else f"pseudolabels_r{round_}")
+    def rounds(self) -> int:
+        return int(self.cfg["pseudolabel"]["rounds"])
 
-    def final_dir(self, round_: int) -> Path:
-        return self.out / ("final" if round_ == 1 else f"final_r{round_}")
+    def pseudolabel_dir(self, round_: int) -> Path:
+        return self.out / f"pseudolabels_r{round_}"
+
+    def student_name(self, round_: int) -> str:
+        return f"student_r{round_}"
+
+    def student_dir(self, round_: int) -> Path:
+        return self.out / self.student_name(round_)
+
+    def final_model_name(self) -> str:
+        """The model whose predictions make the submission: the last round's student."""
+        return self.student_name(self.rounds())
+
+    def teachers(self, round_: int) -> list[tuple[str, Path, float]]:
+        """(name, folder, score threshold) of the models that label the pool in ``round_``."""
+        if round_ == 1:
+            return [(r["name"], d, r["threshold"]) for r, d in zip(self.cfg["radiologists"], self.radiologist_dirs())]
+        return [(self.student_name(round_ - 1), self.student_dir(round_ - 1), self.cfg["final"]["teach_threshold"])]
 
     def _pseudolabel(self, round_: int) -> Path:
+        from d2ct.engine.predictor import trained_weights
+
         p = self.cfg["pseudolabel"]
         out = self.pseudolabel_dir(round_)
-        if (out / "pseudo_labels.json").exists() and (out / "stats.json").exists():
+        teachers = self.teachers(round_)
+        mode = p["mode"] if round_ == 1 else "partition"  # one teacher: it labels the whole pool
+        settings = {"round": round_, "mode": mode, "split": self.split_digest(),
+                    "teachers": [{"name": n, "threshold": t, "weights_sha256": file_sha256(trained_weights(d))}
+                                 for n, d, t in teachers],
+                    "pseudolabel": {k: v for k, v in p.items() if k not in ("rounds", "mode")}}
+        if claim_folder(out, settings, what="pseudo-labels") and (out / "pseudo_labels.json").exists() \
+                and (out / "stats.json").exists():
+            logger.info("%s: made with these settings: reused", out)
             return out
-        if round_ == 1:
-            models = [str(d) for d in self.radiologist_dirs()]
-            names = [r["name"] for r in self.cfg["radiologists"]]
-            thresholds = [r["threshold"] for r in self.cfg["radiologists"]]
-            mode = p["mode"]
-        else:
-            models = [str(self.final_dir(round_ - 1))]
-            names = [self.final_dir(round_ - 1).name]
-            thresholds = [self.cfg["final"]["threshold"]]
-            mode = "partition"  # one teacher: it labels the whole pool
-        args = ["--models", *models, "--names", *names, "--thresholds", *thresholds, "--mode", mode,
+        args = ["--models", *[d for _, d, _ in teachers], "--names", *[n for n, _, _ in teachers],
+                "--thresholds", *[t for _, _, t in teachers], "--mode", mode,
                 "--data", self.data_root,
                 "--out", out, "--min-area", p["min_area"], "--seed", p["seed"], "--batch-size", p["batch_size"],
                 "--num-gpus", self.cfg["num_gpus"], "--min-votes", p["min_votes"],
@@ -293,16 +428,16 @@ class Pipeline:
         return {"pseudo_labels": str(out / "pseudo_labels.json"), "stats": read_json(out / "stats.json")}
 
     def final_init_weights(self, round_: int) -> str | None:
-        """The checkpoint the round's final model starts from, or None (its config's MODEL.WEIGHTS).
+        """The checkpoint the round's student starts from, or None (its config's MODEL.WEIGHTS).
 
         ``final.init: best`` picks the radiologist with the highest validation mask AP (its
-        model_best.json); a name picks that one. The weights must fit the final model's
+        model_best.json); a name picks that one. The weights must fit the student's
         architecture: a different backbone would load only in part, so it is an error."""
         init = self.cfg["final"]["init"]
         if init == "scratch":
             return None
         if round_ > 1:
-            teacher = self.final_dir(round_ - 1)
+            teacher = self.student_dir(round_ - 1)
         else:
             from d2ct.pseudolabel.radiologists import Radiologist
 
@@ -310,7 +445,7 @@ class Pipeline:
             if init == "best":
                 aps = {n: Radiologist.from_output_dir(d, name=n).ap for n, d in dirs.items()}
                 init_name = max(aps, key=aps.get)
-                logger.info("final model round 1 starts from radiologist %s, the best by validation mask AP "
+                logger.info("student round 1 starts from radiologist %s, the best by validation mask AP "
                             "(%.1f)", init_name, aps[init_name])
             else:
                 init_name = init
@@ -337,7 +472,7 @@ class Pipeline:
 
     def stage_final(self) -> dict:
         outputs = {}
-        for round_ in range(1, int(self.cfg["pseudolabel"]["rounds"]) + 1):
+        for round_ in range(1, self.rounds() + 1):
             folder = self._pseudolabel(round_)
             opts = list(self.cfg["final"]["opts"])
             weights = self.final_init_weights(round_)
@@ -345,11 +480,11 @@ class Pipeline:
                 opts += ["MODEL.WEIGHTS", weights]
             train_sets, pseudo = [f"{self.name}_train"], None
             if not self.cfg["final"]["pseudo_labels"]:
-                logger.info("round %d: final.pseudo_labels is false: the final model trains on the labelled "
+                logger.info("round %d: final.pseudo_labels is false: the student trains on the labelled "
                             "images only", round_)
             elif read_json(folder / "stats.json")["labelled_images"] == 0:
-                logger.warning("round %d: no pool image kept a pseudo-label above the thresholds; the final "
-                               "model trains on the labelled images only", round_)
+                logger.warning("round %d: no pool image kept a pseudo-label above the thresholds; the student "
+                               "trains on the labelled images only", round_)
             else:
                 repeat = int(self.cfg["final"]["labelled_repeat"])
                 train_sets = train_sets * repeat + [f"{self.name}_pseudo"]
@@ -357,19 +492,17 @@ class Pipeline:
                 if repeat > 1:
                     logger.info("round %d: the labelled split is listed %d times next to the pseudo-labels",
                                 round_, repeat)
-            out = self.train(self.cfg["final"]["config"], self.final_dir(round_), train_sets, pseudo, model_opts=opts)
-            outputs[f"round{round_}"] = str(out)
+            out = self.train(self.cfg["final"]["config"], self.student_dir(round_), train_sets, pseudo, model_opts=opts)
+            outputs[self.student_name(round_)] = str(out)
         return outputs
 
     # ------------------------------------------------------------------------------------------
     # predictions of every model on the evaluation split
     # ------------------------------------------------------------------------------------------
     def models(self) -> list[tuple[str, Path]]:
+        """(name, folder) of every model the run scores: the radiologists, then each round's student."""
         models = [(r["name"], d) for r, d in zip(self.cfg["radiologists"], self.radiologist_dirs())]
-        rounds = int(self.cfg["pseudolabel"]["rounds"])
-        for round_ in range(1, rounds + 1):
-            models.append(("final" if round_ == rounds else f"final_r{round_}", self.final_dir(round_)))
-        return models
+        return models + [(self.student_name(k), self.student_dir(k)) for k in range(1, self.rounds() + 1)]
 
     def slice_shape(self) -> tuple[int, int]:
         """(H, W) of the data set's slices, from the data stage's summary."""
@@ -377,13 +510,10 @@ class Pipeline:
 
     def val_images(self) -> tuple[Path, list[str], Callable[[str], np.ndarray | None]]:
         """(image folder, names, truth label map by name) of the validation split."""
-        from d2ct.data.register import split_names
-
-        ds, names = split_names(self.dataset(), "val", **self._split_options())
-        if ds is None or not names:
+        if not self.splits()["val"]:
             raise StageError(f"{self.data_root}: the validation split is empty: predict.score_threshold "
                              "val needs one (data.val_fraction)")
-        return ds.image_dir, names, ds.label_map
+        return self._split_images("val")
 
     def _predict_instances(self, name: str, model_dir: Path, folder: Path, names: list[str],
                            out: Path) -> dict[str, tuple[list[dict], np.ndarray]]:
@@ -460,7 +590,7 @@ class Pipeline:
             outputs[name] = str(csv)
         atomic_write_json(out / "thresholds.json", thresholds)
         submission = self.out / "submission.csv"
-        shutil.copyfile(out / "final.csv", str(submission) + ".tmp")
+        shutil.copyfile(out / f"{self.final_model_name()}.csv", str(submission) + ".tmp")
         os.replace(str(submission) + ".tmp", submission)
         outputs["submission"] = str(submission)
         outputs["thresholds"] = str(out / "thresholds.json")

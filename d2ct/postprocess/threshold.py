@@ -21,7 +21,7 @@ def threshold_scores(instances: dict, names: Sequence[str], truth: Sequence[np.n
                      options: PostprocessOptions, grid: Sequence[float]) -> dict[float, float]:
     """Mean per-slice ARI (all pixels) of the flattened instances at each threshold of ``grid``
     (``options`` gives the other flattening settings; the pipeline's grid: predict.threshold_grid)."""
-    from d2ct.evaluation.report import score_image
+    from d2ct.evaluation.metrics import score_image
 
     if len(names) != len(truth) or not names:
         raise DataError(f"threshold_scores: {len(names)} slice names and {len(truth)} label maps")

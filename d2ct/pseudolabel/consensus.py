@@ -12,11 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    inter = np.logical_and(a, b).sum()
-    union = np.logical_or(a, b).sum()
-    return float(inter / union) if union else 0.0
+from d2ct.utils.masks import mask_iou
 
 
 def consensus_instances(
@@ -50,16 +46,21 @@ def consensus_instances(
             if s >= min_score and mask.any():
                 pool.append((float(s), m, mask.astype(bool)))
     pool.sort(key=lambda t: -t[0])
-    for score, model, mask in pool:
+    # every pairwise IoU of the pool in one matrix product, rather than pair by pair in the loop
+    stack = np.stack([mask for _, _, mask in pool]) if pool else np.zeros((0, 1, 1), bool)
+    ious = mask_iou(stack, stack)
+    heads: list[int] = []  # per cluster: the pool index of its seed (its most confident instance)
+    for i, (score, model, mask) in enumerate(pool):
         best, best_iou = None, iou_threshold
         for ci, cluster in enumerate(members):
             if any(mm == model for mm, _, _ in cluster):
                 continue  # one instance per model per cluster
-            iou = _iou(cluster[0][2], mask)
+            iou = ious[heads[ci], i]
             if iou >= best_iou:
                 best, best_iou = ci, iou
         if best is None:
             members.append([(model, score, mask)])
+            heads.append(i)
         else:
             members[best].append((model, score, mask))
 

@@ -36,7 +36,7 @@ def annotations_to_label_map(annotations: list[dict], shape: tuple[int, int]) ->
 
 def _score_slice(truth: np.ndarray, label_map: np.ndarray) -> dict | None:
     """A kept slice's scores against its truth; None for a slice the rule leaves out."""
-    from d2ct.evaluation.report import score_image
+    from d2ct.evaluation.metrics import score_image
 
     return score_image(truth, label_map) if label_map.any() else None
 

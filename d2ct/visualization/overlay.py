@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from d2ct.data.images import read_slice  # noqa: E402
+from d2ct.data.images import read_slice, slice_to_uint8  # noqa: E402
 from d2ct.utils.fileio import atomic_path  # noqa: E402
 
 
@@ -34,7 +34,9 @@ def _gray(image) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 3:
         image = image[..., 0]
-    if image.dtype != np.uint8:
+    if image.dtype == np.uint16:  # HU + 1024: shown through the models' window
+        image = slice_to_uint8(image)
+    elif image.dtype != np.uint8:
         lo, hi = np.percentile(image, [1, 99])
         image = np.clip((image - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
     return image
