@@ -76,3 +76,28 @@ def test_evaluate_volume_is_exact_on_truth_and_names_grid_mismatch(phantom3d, tm
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :-1], img.affine), tmp_path / "short.nii.gz")
     proc = run_tool("evaluate.py", "--truth", truth, "--pred", tmp_path / "short.nii.gz", check=False)
     assert proc.returncode == 2 and "short.nii.gz" in proc.stderr
+
+
+def test_predict_png_slices_of_one_scan_with_link_slices(tiny_model, phantom3d, tmp_path):
+    """A folder of PNG slices that are one scan, in name order: --link-slices numbers each structure
+    the same on every slice of the CSV, and changes nothing else."""
+    from d2ct.data.images import write_slice
+    from d2ct.data.labels_csv import read_labels_csv
+    from d2ct.data.volumes import load_volume, window
+
+    vol = load_volume(phantom3d / "ct.nii.gz")
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z, img in enumerate(window(vol.hu)):
+        write_slice(folder / f"{z}.png", img)
+    common = ["--model", tiny_model, "--input", folder, "--threshold", "0.0", "--min-area", "1"]
+    run_tool("predict.py", *common, "--out", tmp_path / "plain.csv")
+    run_tool("predict.py", *common, "--out", tmp_path / "linked.csv", "--link-slices", "--min-slices", "1")
+    names = [f"{z}.png" for z in range(vol.shape[0])]
+    shape = vol.shape[1:]
+    plain = read_labels_csv(tmp_path / "plain.csv")
+    linked = read_labels_csv(tmp_path / "linked.csv")
+    a = np.stack([plain.label_map(n, shape) for n in names])
+    b = np.stack([linked.label_map(n, shape) for n in names])
+    _linked_consistently(a, b)
+    assert np.array_equal(a > 0, b > 0)  # min-slices 1: nothing dropped

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from d2ct.evaluation.ari import adjusted_rand_index
-from d2ct.evaluation.dice import iou_matrix, match_structures
+from d2ct.evaluation.dice import label_overlaps, match_structures
 
 __all__ = ["VolumeScores", "score_volume", "format_volume_scores", "is_volume_path", "score_label_volumes",
            "write_volume_report"]
@@ -47,7 +47,7 @@ def score_volume(truth: np.ndarray, pred: np.ndarray, *, iou_threshold: float = 
     ari = adjusted_rand_index(truth, pred)
     ari_fg = adjusted_rand_index(truth, pred, exclude_background=True)
     match = match_structures(truth, pred, iou_threshold)
-    t_labels, p_labels, inter, t_area, p_area = iou_matrix(truth, pred)
+    t_labels, p_labels, inter, t_area, p_area = label_overlaps(truth, pred)
     inter = inter.astype(np.int64)
     n_t, n_p = len(t_labels), len(p_labels)
 

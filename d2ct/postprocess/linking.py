@@ -43,6 +43,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from d2ct.errors import ConfigError, DataError
+from d2ct.utils.masks import iou_from_overlaps
 
 __all__ = ["LinkOptions", "LinkedStructure", "LinkResult", "link_slices", "label_maps_with_scores"]
 
@@ -206,8 +207,7 @@ def link_slices(label_maps: np.ndarray, options: LinkOptions | None = None, *,
                 rows = np.searchsorted(per_slice[t.z_last][0], t.labels_last)
                 inter[k] = cache[t.z_last][rows].sum(axis=0)
                 t_area[k] = t.area_last
-            union = t_area[:, None] + areas[None, :] - inter
-            iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+            iou = iou_from_overlaps(inter, t_area, areas)
             rows, cols = linear_sum_assignment(iou, maximize=True)
             ok = iou[rows, cols] >= opts.min_iou
             assign[cols[ok]] = rows[ok]
