@@ -32,7 +32,7 @@ def _linked_consistently(per_slice: np.ndarray, linked: np.ndarray) -> None:
             assert adjusted_rand_score(per_slice[z][keep], linked[z][keep]) == 1.0
 
 
-def test_predict_phantom_volume_links_slices(tiny_model, phantom3d, tmp_path):
+def test_predict_phantom_volume_links_slices(tiny_model, phantom3d, tmp_path, capsys):
     ct = phantom3d / "ct.nii.gz"
     common = ["--model", tiny_model, "--input", ct, "--size", "96", "--threshold", "0.0", "--min-area", "1"]
     run_tool("predict.py", *common, "--out", tmp_path / "slices.nii.gz", "--per-slice-labels")
@@ -58,11 +58,13 @@ def test_predict_phantom_volume_links_slices(tiny_model, phantom3d, tmp_path):
     truth = np.asarray(nib.load(phantom3d / "labels.nii.gz").dataobj)
     assert score_volume(truth, linked).summary["ARI_3d_fg"] >= score_volume(truth, per_slice).summary["ARI_3d_fg"] - 1e-9
 
-    # evaluate.py on label volumes: 3-D scores
+    # the evaluate command on label volumes (in-process: the subprocess path is tested below)
+    from d2ct.evaluation.cli import main as evaluate
+
     out = tmp_path / "eval"
-    proc = run_tool("evaluate.py", "--truth", phantom3d / "labels.nii.gz", "--pred", tmp_path / "seg.nii.gz",
-                    "--out", out)
-    assert "ARI 3-D" in proc.stdout
+    assert evaluate(["--truth", str(phantom3d / "labels.nii.gz"), "--pred", str(tmp_path / "seg.nii.gz"),
+                     "--out", str(out)]) == 0
+    assert "ARI 3-D" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ARI_3d"] == pytest.approx(adjusted_rand_score(truth.ravel(), linked.ravel()), abs=1e-12)
     assert (out / "per_structure.csv").is_file()
@@ -78,6 +80,7 @@ def test_evaluate_volume_is_exact_on_truth_and_names_grid_mismatch(phantom3d, tm
     assert proc.returncode == 2 and "short.nii.gz" in proc.stderr
 
 
+@pytest.mark.slow
 def test_predict_png_slices_of_one_scan_with_link_slices(tiny_model, phantom3d, tmp_path):
     """A folder of PNG slices that are one scan, in name order: --link-slices numbers each structure
     the same on every slice of the CSV, and changes nothing else."""
