@@ -80,7 +80,6 @@ def test_evaluate_volume_is_exact_on_truth_and_names_grid_mismatch(phantom3d, tm
     assert proc.returncode == 2 and "short.nii.gz" in proc.stderr
 
 
-@pytest.mark.slow
 def test_predict_png_slices_of_one_scan_with_link_slices(tiny_model, phantom3d, tmp_path):
     """A folder of PNG slices that are one scan, in name order: --link-slices numbers each structure
     the same on every slice of the CSV, and changes nothing else."""
