@@ -778,3 +778,356 @@ def write_preview(root: str | os.PathLike, path: str | os.PathLike, *, n: int = 
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------ 3-D volume
+#: Bump when the 3-D drawing changes.
+PHANTOM_VOLUME_VERSION = 1
+
+
+def _harm(rng: np.random.Generator, amp: float, kmax: int = 4) -> list[tuple[int, float, float]]:
+    """The radial perturbation of :meth:`_Canvas.harmonics`, drawn once for a whole volume."""
+    return [(k, float(rng.normal(0, amp / k)), float(rng.uniform(0, 2 * math.pi))) for k in range(2, kmax + 1)]
+
+
+def _volume_case(rng: np.random.Generator, cfg: PhantomConfig, n_loops: int = 14) -> dict:
+    """Everything random about one 3-D case, drawn once, so that the anatomy of neighbouring slices
+    differs only through the craniocaudal ``level`` (the same HU ranges as the 2-D phantom)."""
+    U = rng.uniform
+    enhanced = bool(rng.random() < cfg.p_enhanced)
+    hab = U(*cfg.habitus)
+    P = {
+        "enhanced": enhanced, "hab": hab, "aspect": U(*cfg.body_aspect), "body_harm": _harm(rng, 0.025),
+        "post_exp": U(2.3, 3.2), "t_fat": U(0.04, 0.09) * hab ** 3 + 0.02, "t_mus": U(0.035, 0.06) / hab,
+        "skin": U(20, 40), "subcut": U(-115, -90), "wall": U(40, 55), "fat": U(-100, -80),
+        "rv": U(0.10, 0.125) / hab, "yv_f": U(0.22, 0.32), "musc": [U(45, 58) for _ in range(10)],
+        "auto_r": (U(0.14, 0.19) / hab ** 0.5, U(0.15, 0.2) / hab ** 0.5), "auto_harm": _harm(rng, 0.05),
+        "psoas_harm": _harm(rng, 0.04), "rect": (U(0.012, 0.03), U(0.09, 0.13), U(0.025, 0.04), U(0.02, 0.035)),
+        "liver_hu": U(80, 105) if enhanced else U(52, 66), "liver_ang": U(-0.3, 0.3), "liver_harm": _harm(rng, 0.08),
+        "ll_ang": U(-0.2, 0.3), "ll_harm": _harm(rng, 0.06),
+        "gb": (U(-0.06, 0.06), U(0.25, 0.45), U(0.05, 0.09), U(0.06, 0.11), U(0, math.pi), U(0, 20)),
+        "gb_harm": _harm(rng, 0.04),
+        "spleen_hu": U(105, 125) if enhanced else U(40, 50), "spleen_ang": U(-0.7, -0.3), "spleen_harm": _harm(rng, 0.05),
+        "stomach": (U(-0.05, 0.08), U(0.3, 0.5), U(0.8, 1.1), U(0.8, 1.1), U(-0.6, 0.2)), "stomach_harm": _harm(rng, 0.06),
+        "stomach_hu": (U(50, 80) if enhanced else U(35, 45), U(0, 25), U(-1000, -950), U(-0.2, 0.7)),
+        "pancreas": (U(0.16, 0.22), U(-1, 1), U(0.05, 0.075), U(0.035, 0.055), U(90, 110) if enhanced else U(35, 48)),
+        "kidney": [(U(0.2, 0.26), U(-0.02, 0.06), U(0.35, 0.7)) for _ in range(2)], "kidney_harm": _harm(rng, 0.03),
+        "cortex": U(140, 190) if enhanced else U(28, 38), "sinus": U(-90, -60), "pelvis": U(0, 20),
+        "colon": (U(-0.05, 0.05), U(-0.1, 0.1), U(0.07, 0.1), U(-0.05, 0.04), U(-0.05, 0.12), U(0.05, 0.08),
+                  U(0.45, 0.6), U(0.05, 0.075)),
+        "colon_hu": (U(35, 45), U(10, 35)),
+        "aorta": (U(-0.02, 0.03), U(0.055, 0.075) / hab ** 0.5, U(150, 210) if enhanced else U(35, 48)),
+        "ivc": (U(-0.02, 0.02), U(0.06, 0.085), U(0.035, 0.06), U(-0.3, 0.3), U(100, 160) if enhanced else U(33, 45)),
+        "bowel_hu": (U(60, 90) if enhanced else U(35, 45), U(0, 30)),
+        "bone": (U(700, 1000), U(200, 300), U(70, 100)), "canal": (U(0.04, 0.055), U(5, 15), U(30, 40)),
+        "vb": (U(1.05, 1.2), U(0.85, 0.95)), "lung": (U(-880, -800), U(0.04, 0.1), U(0.0, 0.25)),
+    }
+    # small-bowel loops: 3-D ellipsoids at random body-frame positions and levels
+    P["loops"] = [(U(-0.45, 0.45), U(-0.55, 0.05), U(0.25, 0.85), U(0.06, 0.1), U(0.08, 0.16), U(0.55, 1.0),
+                   U(0, math.pi)) for _ in range(n_loops)]
+    # one liver lesion: a sphere (body units; level units scaled by the volume's span)
+    P["lesion"] = (U(-0.6, -0.35), U(-0.1, 0.15), U(0.15, 0.4), U(0.05, 0.08),
+                   (U(-5, 45) if rng.random() < 0.7 else None))
+    return P
+
+
+def _draw_anatomy_3d(cv: _Canvas, level: float, P: dict, mm_per_level: float, mm_per_unit: float) -> None:
+    """One axial slice of the 3-D case ``P`` at ``level``: the organs of the 2-D phantom with their
+    random parameters fixed for the whole volume (shapes change smoothly with ``level``). Simplified:
+    no ribs, no vessel bifurcation, the vertebral column is one structure (vertebrae and discs
+    stacked with the same cross-section cannot be told apart from masks alone)."""
+    hab, h = P["hab"], P["aspect"] * (1.0 - 0.08 * _ramp(level, 0.3, 1.0))
+    t_fat, t_mus = P["t_fat"], P["t_mus"]
+
+    def body(off: float) -> np.ndarray:
+        return cv.blob(0.0, 0.0, 1.0 - off, h - off, harm=P["body_harm"], post_exp=P["post_exp"])
+
+    outer = body(0.0)
+    cv.paint(outer, P["skin"])
+    cv.paint(body(cv.bu(1.2)), P["subcut"])
+    wall_in = body(t_fat)
+    cv.paint(wall_in, P["wall"])
+    cavity = body(t_fat + t_mus)
+    cv.paint(cavity, P["fat"])
+    rv = P["rv"]
+    yv = h * P["yv_f"]
+    y_front = yv - rv * 0.85
+    musc = P["musc"]
+    for i, (side, name) in enumerate(((-1, "right"), (1, "left"))):
+        ax, ay = P["auto_r"]
+        m = cv.blob(side * (0.08 + rv * 0.8), yv + rv + 0.15, ax, ay, angle=side * 0.15, harm=P["auto_harm"]) & wall_in
+        cv.structure(f"autochthon_{name}", m, musc[i])
+    s_ps = _ramp(level, 0.3, 0.85)
+    if s_ps > 0:
+        for i, (side, name) in enumerate(((-1, "right"), (1, "left"))):
+            r = (0.03 + 0.07 * s_ps) / hab
+            m = cv.blob(side * (rv + r * 0.7), yv - 0.01 + 0.02 * s_ps, r * 0.92, r * 1.12, angle=side * 0.4,
+                        harm=P["psoas_harm"]) & cavity
+            cv.structure(f"psoas_{name}", m, musc[2 + i])
+    gap, rx, ry, dy = P["rect"]
+    for i, (side, name) in enumerate(((-1, "right"), (1, "left"))):
+        m = cv.blob(side * (gap + rx), -(h - t_fat - dy), rx, ry, angle=-side * 0.12) & wall_in
+        cv.structure(f"rectus_abdominis_{name}", m, musc[4 + i])
+
+    liver = None
+    s_liv = _ramp(level, 0.66, 0.0)
+    if s_liv > 0:
+        cx, cy = -0.45 + 0.1 * (1 - s_liv), 0.12 * (1 - s_liv)
+        m = cv.blob(cx, cy, (0.18 + 0.38 * s_liv) / hab ** 0.5, (0.16 + 0.42 * s_liv) * h / 0.75 / hab ** 0.5,
+                    angle=P["liver_ang"], harm=P["liver_harm"])
+        s_ll = _ramp(level, 0.35, 0.05)
+        if s_ll > 0:  # left lobe across the midline, joined to the right lobe
+            m |= cv.blob(0.05 + 0.1 * s_ll - 0.15 * (1 - s_ll), -h * 0.42, 0.12 + 0.2 * s_ll, 0.06 + 0.1 * s_ll,
+                         angle=P["ll_ang"], harm=P["ll_harm"])
+        m &= cavity
+        liver = cv.structure("liver", m, P["liver_hu"])
+        lx, ly, lz, lr, lhu = P["lesion"]
+        dz = (level - lz) * mm_per_level / mm_per_unit  # body units
+        if abs(dz) < lr:
+            r = math.sqrt(lr * lr - dz * dz)
+            les = cv.blob(lx, ly, r, r) & (cv.owner == liver)
+            cv.structure("liver_lesion", les, lhu if lhu is not None else P["liver_hu"] + 60)
+    s_gb = _bump(level, 0.25, 0.58)
+    if s_gb > 0.2 and liver is not None:
+        gx, gy, grx, gry, gang, ghu = P["gb"]
+        m = cv.blob(-0.28 + gx, -h * gy, grx * s_gb, gry * s_gb, angle=gang, harm=P["gb_harm"]) & cavity
+        cv.structure("gallbladder", m, ghu)
+    s_spl = _bump(level, -0.1, 0.45)
+    if s_spl > 0.1:
+        cx, cy, rx, ry = 0.6, yv * 0.6, (0.08 + 0.08 * s_spl) / hab ** 0.5, (0.14 + 0.14 * s_spl) / hab ** 0.5
+        m = cv.blob(cx, cy, rx, ry, angle=P["spleen_ang"], harm=P["spleen_harm"])
+        m &= ~cv.blob(cx - rx * 1.1, cy - 0.02, rx * 0.7, ry * 0.8)
+        cv.structure("spleen", m & cavity, P["spleen_hu"])
+    s_st = _ramp(level, 0.48, 0.1)
+    if s_st > 0:
+        ox, oy, fx, fy, ang = P["stomach"]
+        cx, cy = 0.3 + ox, -h * oy
+        rx, ry = (0.12 + 0.14 * s_st) * fx, (0.1 + 0.1 * s_st) * fy
+        m = cv.blob(cx, cy, rx, ry, angle=ang, harm=P["stomach_harm"]) & cavity
+        wall_hu, fluid, gas_hu, gas_f = P["stomach_hu"]
+        sid = cv.structure("stomach", m, wall_hu)
+        lumen = cv.erode(m, max(1.5, cv.px(0.022)))
+        cv.paint(lumen, fluid, sid)
+        cv.paint(lumen & (cv.Y < cy - ry * gas_f), gas_hu, sid)
+    s_pa = _bump(level, 0.28, 0.56)
+    if s_pa > 0.2:
+        dyp, wig, r0, r1, phu = P["pancreas"]
+        yp = y_front - dyp
+        reach = min(1.0, (s_pa - 0.2) / 0.5)  # the gland lengthens smoothly from the head to the tail
+        pts = [(-0.2, yp + 0.04), (-0.05, yp - 0.02), (0.15, yp - 0.01), (0.35, yp + 0.04 * wig), (0.48, yv * 0.5)]
+        k = reach * (len(pts) - 1)
+        n = int(math.floor(k))
+        pts2 = pts[:n + 1]
+        if n < len(pts) - 1 and k > n:
+            t = k - n
+            pts2 = pts2 + [(pts[n][0] + t * (pts[n + 1][0] - pts[n][0]), pts[n][1] + t * (pts[n + 1][1] - pts[n][1]))]
+        if len(pts2) == 1:
+            pts2 = [pts[0], pts[0]]
+        m = cv.capsule(pts2, [r0] + [r1] * (len(pts2) - 1)) & cavity & (cv.owner == 0)
+        cv.structure("pancreas", m, phu)
+    s_ps_k = s_ps
+    for i, (side, name, lo, hi) in enumerate(((-1, "right", 0.28, 0.82), (1, "left", 0.22, 0.76))):
+        s_k = _bump(level, lo, hi)
+        if s_k <= 0.15:
+            continue
+        dx, dyk, angf = P["kidney"][i]
+        sz = (0.35 + 0.65 * s_k) / hab ** 0.5
+        cx, cy = side * (rv + dx + 0.1 * s_ps_k), yv + dyk - 0.06 * s_ps_k
+        ang = -side * angf
+        m = cv.blob(cx, cy, 0.1 * sz, 0.15 * sz, angle=ang, harm=P["kidney_harm"]) & cavity
+        sid = cv.structure(f"kidney_{name}", m, P["cortex"])
+        if s_k > 0.55:
+            hil = cv.blob(cx - side * 0.08 * sz * math.cos(ang) * 1.2, cy - 0.05 * sz, 0.06 * sz, 0.05 * sz) & m
+            cv.paint(hil, P["sinus"], 0)
+            cv.paint(cv.blob(cx - side * 0.06 * sz, cy - 0.04 * sz, 0.03 * sz, 0.025 * sz) & hil, P["pelvis"], sid)
+    s_co = _ramp(level, 0.3, 0.45)
+    if s_co > 0:
+        ax_, ay_, ar, dx_, dy_, dr, yt_f, tr = P["colon"]
+        parts = cv.blob(-0.62 + ax_, ay_, ar * s_co, ar * s_co) | cv.blob(0.64 + dx_, dy_, dr * s_co, dr * s_co)
+        s_tr = _bump(level, 0.35, 0.6)
+        if s_tr > 0.3:
+            yt = -h * yt_f
+            parts |= cv.capsule([(-0.6, ay_), (-0.45, yt + 0.1), (0.0, yt), (0.45, yt + 0.08), (0.62, dy_)],
+                                [tr * s_tr] * 5)
+        m = parts & cavity & (cv.owner == 0)
+        sid = cv.structure("colon", m, P["colon_hu"][0])
+        cv.paint(cv.erode(m, max(1, cv.px(0.015))), P["colon_hu"][1], sid)
+    ox, ra, ahu = P["aorta"]
+    spread = _ramp(level, 0.75, 1.0)
+    cv.structure("aorta", cv.blob(0.05 + ox + 0.04 * spread, y_front - ra - 0.01, ra, ra), ahu)
+    ox, irx, iry, iang, ihu = P["ivc"]
+    cv.structure("inferior_vena_cava", cv.blob(-0.13 + ox - 0.04 * spread, y_front - 0.05, irx, iry, angle=iang), ihu)
+    s_sb = _ramp(level, 0.15, 0.5)
+    if s_sb > 0:
+        free = cavity & (cv.owner == 0) & (cv.Y < y_front + 0.05)
+        loops = np.zeros_like(free)
+        for x, y, zc, r, half, asp, ang in P["loops"]:
+            dz = abs(level - zc) / half
+            if dz < 1.0:
+                rr = r * math.sqrt(1.0 - dz * dz) * s_sb ** 0.5
+                loops |= cv.blob(x, y, rr, rr * asp, angle=ang)
+        loops &= free
+        if loops.any():
+            sid = cv.structure("small_bowel", loops, P["bowel_hu"][0])
+            cv.paint(cv.erode(loops, max(1, cv.px(0.012))) & loops, P["bowel_hu"][1], sid)
+    cortical, cancellous, disc_hu = P["bone"]
+    fx, fy = P["vb"]
+    vb = cv.blob(0.0, yv, rv * fx, rv * fy)
+    rc, csf, cord = P["canal"]
+    ycan = yv + rv * 0.9 + 0.05
+    arch = cv.blob(0.0, ycan, rc + 0.035, rc + 0.03)
+    for side in (-1, 1):
+        arch |= cv.blob(side * rc * 1.1, yv + rv * 0.75, 0.025, 0.05)
+    arch |= cv.capsule([(0.0, ycan + rc), (0.0, ycan + rc + 0.17)], [0.03, 0.018])
+    # discs every ~0.14 level (one vertebra): same label as the bone (see the docstring)
+    phase = (level * 7.2) % 1.0
+    in_disc = phase > 0.86
+    sid = cv.structure("vertebral_column", ((vb | arch) & cavity) | (arch & outer), cortical)
+    cv.paint(cv.erode(vb, max(1, cv.px(0.018))), disc_hu if in_disc else cancellous, sid)
+    canal = cv.blob(0.0, ycan, rc, rc * 0.9)
+    sid = cv.structure("spinal_canal", canal, csf)
+    cv.paint(cv.blob(0.0, ycan, rc * 0.55, rc * 0.5), cord, sid)
+    s_lu = _ramp(level, 0.2, 0.0)
+    if s_lu > 0:
+        lhu, depth, ylim = P["lung"]
+        inner = body(t_fat + t_mus)
+        core = body(t_fat + t_mus + 0.03 + depth * s_lu)
+        for side, name in ((-1, "right"), (1, "left")):
+            m = inner & ~core & (cv.Y > yv - ylim * s_lu) & (side * cv.X > rv * 1.6) & (cv.owner == 0)
+            cv.structure(f"lung_{name}", m, lhu)
+    s_il = _ramp(level, 0.82, 1.0)
+    if s_il > 0:
+        for i, (side, name) in enumerate(((-1, "right"), (1, "left"))):
+            reach = 0.25 + 0.3 * s_il
+            pts = [(side * (rv + 0.1), yv + 0.1), (side * (rv + 0.1 + 0.35 * reach), yv + 0.06),
+                   (side * (rv + 0.12 + 0.6 * reach), yv - 0.05 - 0.1 * s_il),
+                   (side * (rv + 0.1 + 0.75 * reach), yv - 0.18 - 0.15 * s_il)]
+            m = cv.capsule(pts, [0.05 * s_il ** 0.5 + 0.01, 0.04, 0.03, 0.022]) & outer & (cv.owner == 0)
+            sid = cv.structure(f"hip_{name}", m, cortical * 0.9)
+            cv.paint(cv.erode(m, 1), cancellous, sid)
+
+
+def generate_volume(seed: int = 0, size: int = 128, n_slices: int = 40, *, levels: tuple[float, float] = (0.0, 1.0),
+                    fov_mm: float = 380.0, span_mm: float = 210.0, config: PhantomConfig | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A 3-D phantom CT: ``(hu, labels, info)`` in display orientation (Z, H, W): slices run
+    inferior -> superior (slice 0 is ``levels[1]``, the lowest), rows anterior -> posterior, columns
+    patient right -> left. ``labels`` uint8: one number per 3-D structure, the same on every slice.
+    ``info``: ``{"structures": {label: name}, "spacing": (slice, row, col) mm, "levels": [...]}``.
+
+    The organs, HU values, partial-volume blur, noise and cupping are those of the 2-D phantom
+    (:func:`generate_slice`), but every random choice is drawn once per volume, so shapes vary
+    smoothly from slice to slice; the noise is new on every slice, as in a real scan. ``levels``
+    (0 = T11, 1 = iliac crests) spans ``span_mm`` craniocaudally; ``fov_mm`` is the in-plane field
+    of view.
+    """
+    cfg = config or PhantomConfig()
+    cfg.validate()
+    for name, v, lo in (("size", size, 32), ("n_slices", n_slices, 2)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+            raise ConfigError(f"generate_volume: {name} must be an integer >= {lo}, got {v!r}")
+    lo_l, hi_l = (float(v) for v in levels)
+    if not 0.0 <= lo_l < hi_l <= 1.0:
+        raise ConfigError(f"generate_volume: levels must be (top, bottom) with 0 <= top < bottom <= 1, got {levels}")
+    if not (fov_mm > 0 and span_mm > 0):
+        raise ConfigError("generate_volume: fov_mm and span_mm must be > 0")
+    size, n_slices = int(size), int(n_slices)
+    ss = np.random.SeedSequence(int(seed), spawn_key=(7,))  # 7: apart from the 2-D splits' keys
+    case_rng, *slice_seeds = [np.random.default_rng(s) for s in ss.spawn(n_slices + 1)]
+    cv = _Canvas(case_rng, size, cfg)
+    P = _volume_case(case_rng, cfg)
+    blur = case_rng.uniform(*cfg.blur_sigma) * size / 256.0
+    noise_std = case_rng.uniform(*cfg.noise_std)
+    cupping = case_rng.uniform(*cfg.cupping)
+    mm_per_unit = cv.unit * fov_mm / size
+    mm_per_level = span_mm  # the whole 0..1 level range
+    slice_mm = span_mm * (hi_l - lo_l) / (n_slices - 1)
+    z_levels = np.linspace(hi_l, lo_l, n_slices)  # display slice 0 = the most inferior
+    names: dict[str, int] = {}
+    hu = np.empty((n_slices, size, size), np.float32)
+    labels = np.zeros((n_slices, size, size), np.uint8)
+    min_area = max(4, int(round(cfg.min_area * (size / 256.0) ** 2)))
+    for z, level in enumerate(z_levels):
+        cv.hu = np.full((size, size), -1000.0, dtype=np.float32)
+        cv.owner = np.zeros((size, size), dtype=np.int16)
+        cv.names = []
+        _draw_anatomy_3d(cv, float(level), P, mm_per_level, mm_per_unit)
+        area = np.bincount(cv.owner.ravel(), minlength=len(cv.names) + 1)
+        lut = np.zeros(len(cv.names) + 1, np.uint8)
+        for k, name in enumerate(cv.names, start=1):
+            if area[k] >= min_area:
+                if name not in names:
+                    if len(names) == 255:
+                        raise DataError("generate_volume: more than 255 structures")
+                    names[name] = len(names) + 1
+                lut[k] = names[name]
+        labels[z] = lut[cv.owner]
+        rng = slice_seeds[z]
+        img = ndimage.gaussian_filter(cv.hu, blur, mode="nearest")
+        r2 = cv.X ** 2 + (cv.Y / (P["aspect"])) ** 2
+        img -= np.float32(cupping) * np.clip(1.0 - r2, 0.0, 1.0)
+        noise = ndimage.gaussian_filter(rng.standard_normal((size, size)).astype(np.float32),
+                                        cfg.noise_corr * size / 256.0, mode="wrap")
+        noise *= np.float32(noise_std / max(1e-6, float(noise.std())))
+        hu[z] = img + noise
+    # structures are numbered in the order they first appear, from the lowest slice up
+    info = {"structures": {v: k for k, v in sorted(names.items(), key=lambda kv: kv[1])},
+            "spacing": (float(slice_mm), float(fov_mm / size), float(fov_mm / size)),
+            "levels": [float(v) for v in z_levels], "phase": "enhanced" if P["enhanced"] else "unenhanced",
+            "version": PHANTOM_VOLUME_VERSION}
+    return hu, labels, info
+
+
+def volume_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
+    """4x4 RAS+ affine of a display-oriented (Z, H, W) array seen as NIfTI axes (col, row, slice):
+    columns towards the patient's left, rows towards posterior, slices superior; centred on 0."""
+    z, h, w = shape
+    sz, sr, sc = spacing
+    aff = np.diag([-sc, -sr, sz, 1.0])
+    aff[:3, 3] = [sc * (w - 1) / 2, sr * (h - 1) / 2, -sz * (z - 1) / 2]
+    return aff
+
+
+def write_phantom_volume(out_dir: str | os.PathLike, *, seed: int = 0, size: int = 128, n_slices: int = 40,
+                         levels: tuple[float, float] = (0.0, 1.0), overwrite: bool = False,
+                         config: PhantomConfig | None = None,
+                         preview: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write a 3-D phantom as NIfTI: ``ct.nii.gz`` (HU, int16), ``labels.nii.gz`` (one label per
+    3-D structure, uint8) and ``structures.json`` (label -> name, spacing, parameters), stored in
+    RAS+ orientation (as ``nibabel.as_closest_canonical`` gives). Same parameters -> identical
+    files; atomic (the folder is written aside and renamed into place). ``preview``: also draw an
+    axial / coronal / sagittal overlay of the labels to this PNG."""
+    import gzip
+
+    import nibabel as nib
+
+    hu, labels, info = generate_volume(seed, size, n_slices, levels=levels, config=config)
+    aff = volume_affine(hu.shape, info["spacing"])
+
+    def nifti(arr: np.ndarray, dtype) -> bytes:
+        img = nib.as_closest_canonical(nib.Nifti1Image(arr.transpose(2, 1, 0).astype(dtype), aff))
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+        img.header.set_xyzt_units("mm")
+        return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+
+    out_dir = Path(out_dir)
+    params = {"generator": "d2ct.data.phantom.generate_volume", "version": PHANTOM_VOLUME_VERSION, "seed": int(seed),
+              "size": int(size), "n_slices": int(n_slices), "levels": [float(v) for v in levels]}
+    replace = overwrite or (out_dir / "structures.json").is_file()
+    with atomic_directory(out_dir, overwrite=replace) as tmp:
+        with atomic_write(tmp / "ct.nii.gz", "wb") as f:
+            f.write(nifti(np.clip(np.rint(hu), -1024, 3071), np.int16))
+        with atomic_write(tmp / "labels.nii.gz", "wb") as f:
+            f.write(nifti(labels, np.uint8))
+        atomic_write_json(tmp / "structures.json", {
+            "params": params, "spacing_mm": list(info["spacing"]), "phase": info["phase"],
+            "structures": {str(k): v for k, v in info["structures"].items()}})
+    paths = {name: out_dir / name for name in ("ct.nii.gz", "labels.nii.gz", "structures.json")}
+    if preview:
+        from d2ct.visualization.volume import three_plane_overlay
+
+        paths["preview"] = three_plane_overlay(np.clip(np.rint(hu), -1024, 3071), labels, preview,
+                                               spacing=info["spacing"], title=f"3-D phantom, seed {seed}: "
+                                               f"{len(info['structures'])} structures (truth)")
+    return paths

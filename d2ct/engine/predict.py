@@ -3,12 +3,15 @@
 INPUT is a folder of PNG slices (or a challenge data set folder: its test-images/ is used),
 a NIfTI file (.nii/.nii.gz) or a DICOM series folder. For slices the output is a CSV in the
 challenge layout (rows = pixels, one column per slice); for a volume, a NIfTI label volume on
-the input's own grid. Where masks overlap, the higher-scoring instance wins; a slice with no
-instance above the threshold falls back to its best instances below it.
+the input's own grid with one label per 3-D structure (the slices are linked, docs/volumes.md),
+plus a JSON side-car (volume, slice range and mean score of each structure) and colour tables for
+ITK-SNAP (.label.txt) and 3D Slicer (.ctbl). Where masks overlap, the higher-scoring instance
+wins; a slice with no instance above the threshold falls back to its best instances below it.
 
 Examples (d2ct-predict = python tools/predict.py = python -m d2ct.engine.predict):
   d2ct-predict --model output/final --input datasets/phantom/test-images --out submission.csv
   d2ct-predict --model output/final --input scan.nii.gz --out scan_structures.nii.gz --flip-tta
+  d2ct-predict --model output/final --input scan.nii.gz --out seg.nii.gz --size 256 --viz output/viz
   python tools/predict.py --model output/final --input test-images --out sub.csv.gz --viz output/viz \\
       --truth test-labels.csv.gz
 """
@@ -24,8 +27,11 @@ from d2ct.engine import launch_cli
 from d2ct.engine.mapper import read_model_image
 from d2ct.engine.predictor import BatchPredictor, load_trained, prediction_source
 from d2ct.errors import DataError
+from d2ct.postprocess.linking import label_maps_with_scores
 from d2ct.postprocess.submission import (PostprocessOptions, find_slices, label_maps_from_predictions,
                                          save_instances, write_submission)
+from d2ct.postprocess.volume_output import (add_linking_arguments, link_options_from_args, link_slice_folder,
+                                            write_volume_prediction)
 from d2ct.utils.cli import prog
 
 
@@ -47,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", metavar="FILE.json",
                    help="save every instance (score + RLE mask) before flattening, e.g. for mask AP or to "
                         "flatten again at another threshold without the model")
-    p.add_argument("--viz", metavar="DIR", help="write overlays (slice | prediction | truth) here")
+    p.add_argument("--viz", metavar="DIR", help="write overlays (slice | prediction | truth) here; for a volume "
+                                               "an axial / coronal / sagittal overlay")
     p.add_argument("--viz-count", type=int, default=12, help="slices shown in the overlays")
-    p.add_argument("--truth", help="labels CSV of the input slices: adds truth to overlays and prints scores")
+    p.add_argument("--truth", help="labels CSV of the input slices (for a volume: a NIfTI label volume on its "
+                                   "grid): adds truth to overlays and prints scores")
     p.add_argument("--level", type=float, default=40.0, help="volume input: HU window level")
     p.add_argument("--width", type=float, default=400.0, help="volume input: HU window width")
     p.add_argument("--size", type=int, default=0,
@@ -60,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--dist-url", default="auto")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    add_linking_arguments(p)
     return p
 
 
@@ -80,11 +89,17 @@ def run(args):
     cfg, weights = load_trained(args.model, args.weights, args.opts)
     options = PostprocessOptions.from_cfg(cfg, score_threshold=args.threshold, min_area=args.min_area,
                                           fallback_top_k=args.fallback_top_k)
+    link_options = link_options_from_args(args)
     predictor = BatchPredictor(cfg, weights, batch_size=args.batch_size, flip_tta=args.flip_tta)
     if _is_volume(source):
-        from d2ct.data.volumes import load_volume, save_label_volume, window
+        from d2ct.data.volumes import load_volume, window
 
         volume = load_volume(source)
+        truth = None
+        if args.truth:  # read first: a bad file fails before the model runs
+            from d2ct.data.volumes import load_label_volume
+
+            truth = load_label_volume(args.truth, volume)
         hu, geometry = volume.hu, None
         if args.size:
             from d2ct.data.volumes import resample_slices
@@ -95,13 +110,21 @@ def run(args):
         if comm.get_world_size() > 1 and comm.get_rank() > 0:
             return  # volumes are predicted by one process
         preds = [p.compact() for p in predictor.predict_images(named, progress=True, total=len(named))]
-        label_maps = label_maps_from_predictions(preds, options)
+        label_maps, scores = label_maps_with_scores(preds, options)
         if geometry is not None:
             from d2ct.data.volumes import restore_slices
 
             label_maps = restore_slices(label_maps, geometry)
-        save_label_volume(label_maps, volume, args.out)
-        print(f"{len(named)} slices, {sum(int(m.max()) for m in label_maps)} structures -> {args.out}")
+        done = write_volume_prediction(label_maps, volume, args.out, scores=scores, link=not args.per_slice_labels,
+                                       options=link_options, viz=args.viz, truth=truth,
+                                       meta={"model": prediction_source(weights, args.flip_tta, args.opts)})
+        kind = "per-slice labels" if args.per_slice_labels else "3-D structures"
+        print(f"{len(named)} slices, {done['n_structures']} {kind} -> "
+              f"{', '.join(str(p) for p in done['paths'].values())}")
+        if done["scores"] is not None:
+            from d2ct.evaluation.volume_metrics import VolumeScores, format_volume_scores
+
+            print(format_volume_scores(VolumeScores(done["scores"]), title=f"3-D scores against {args.truth}"))
         return
     folder, names = find_slices(source)
     if args.list:
@@ -114,7 +137,10 @@ def run(args):
     print(f"{len(names)} slices -> {', '.join(str(f) for f in (args.out, args.instances) if f)}")
     if not (args.out or args.truth or args.viz):
         return
-    label_maps = label_maps_from_predictions(preds, options)
+    if args.link_slices:  # one scan, slices in name order
+        label_maps = link_slice_folder(*label_maps_with_scores(preds, options), link_options)
+    else:
+        label_maps = label_maps_from_predictions(preds, options)
     if args.out:
         write_submission(args.out, names, label_maps)
     truth = _read_truth(args.truth, names, label_maps.shape[1:]) if args.truth else None

@@ -1,11 +1,14 @@
 """Score a prediction CSV against a truth CSV (challenge layout): ARI (all pixels, the organisers'
 script; and excluding truth background, the written rules), class-agnostic Dice / recall /
-precision at IoU 0.5, and COCO mask AP.
+precision at IoU 0.5, and COCO mask AP. Two NIfTI label volumes (.nii/.nii.gz, same grid) get 3-D
+scores instead: 3-D ARI, per-structure Dice after Hungarian matching in 3-D, and the structures
+found / missed / split / merged (docs/volumes.md).
 
 Example (d2ct-evaluate = python tools/evaluate.py = python -m d2ct.evaluation.cli):
     d2ct-evaluate --truth data/labels.csv.gz --pred out/baseline.csv.gz \\
         --annotated data/annotated.json --manifest data/manifest.csv --group-by patient_contours \\
         --out out/eval_baseline
+    d2ct-evaluate --truth phantom3d/labels.nii.gz --pred seg.nii.gz --out out/eval_volume
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate predicted label maps against the truth, both as challenge CSVs (rows = pixels, "
         "one column per image). Prints a summary table; with --out also writes summary.json, per_image.csv, "
         "by_<column>.csv and ari_hist.png.")
-    p.add_argument("--truth", required=True, help="truth labels CSV (.csv or .csv.gz)")
-    p.add_argument("--pred", required=True, help="predicted labels CSV; must have a column for every scored image")
+    p.add_argument("--truth", required=True, help="truth labels CSV (.csv or .csv.gz), or a NIfTI label volume")
+    p.add_argument("--pred", required=True, help="predicted labels CSV; must have a column for every scored image "
+                                                 "(or a NIfTI label volume on the truth's grid)")
     p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"),
                    help="image size (default: square, from the number of pixel rows)")
     p.add_argument("--annotated", metavar="JSON",
@@ -44,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from d2ct.evaluation.volume_metrics import evaluate_volume_cli, is_volume_path
+
+    if is_volume_path(args.truth) or is_volume_path(args.pred):  # label volumes: 3-D scores
+        return evaluate_volume_cli(args.truth, args.pred, args.out)
     from d2ct.evaluation.report import (
         breakdown,
         evaluate_csv,

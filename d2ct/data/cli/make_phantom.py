@@ -3,6 +3,7 @@
 Example (d2ct-make-phantom = python tools/make_phantom.py = python -m d2ct.data.cli.make_phantom):
     d2ct-make-phantom --out datasets/phantom --n-train 60 --n-labelled 20 --n-test 20 \\
         --preview datasets/phantom/preview.png
+    d2ct-make-phantom --volume --out datasets/phantom3d --n-slices 40 --preview phantom3d.png
 """
 from __future__ import annotations
 
@@ -34,14 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a phantom set")
     p.add_argument("--preview", metavar="PNG", help="also draw a grid of labelled slices with their labels to PNG")
     p.add_argument("--preview-n", type=int, default=8, help="slices in the preview (default 8)")
+    p.add_argument("--volume", action="store_true",
+                   help="write a 3-D phantom instead: ct.nii.gz, labels.nii.gz (one label per organ, the same on "
+                        "every slice) and structures.json; --size, --seed, --n-slices, --preview apply")
+    p.add_argument("--n-slices", type=int, default=40, help="--volume: axial slices (default 40)")
     args = p.parse_args(argv)
     return run_cli(_run, args)
 
 
 def _run(args) -> int:
-    from d2ct.data.phantom import write_phantom_dataset, write_preview
+    from d2ct.data.phantom import write_phantom_dataset, write_phantom_volume, write_preview
 
     t0 = time.perf_counter()
+    if args.volume:
+        paths = write_phantom_volume(args.out, seed=args.seed, size=args.size, n_slices=args.n_slices,
+                                     overwrite=args.overwrite, preview=args.preview)
+        print(f"3-D phantom: {', '.join(str(v) for v in paths.values())} ({time.perf_counter() - t0:.1f} s)")
+        return 0
     root = write_phantom_dataset(args.out, n_train=args.n_train, n_labelled=args.n_labelled, n_test=args.n_test,
                                  size=args.size, seed=args.seed, workers=args.workers,
                                  label_dropout=args.label_dropout, pool_truth=args.pool_truth,
