@@ -56,11 +56,12 @@ def _match_name(entry: Any, image_set: set[str]) -> str:
     raise TypeError(entry)
 
 
-def read_annotated(path: str | os.PathLike, image_names: Sequence[str] | None = None) -> list[str]:
+def read_annotated(path: str | os.PathLike, image_names: Sequence[str] | None = None, *,
+                   where: str = "an image of the data set") -> list[str]:
     """Annotated image names (natural order) from ``annotated.json`` ({"annotated": [...]}), a plain
     JSON list, or a 2025-style ``annotated_labels.json`` mapping image -> organs looked at (images with
     a non-empty entry count as annotated). Entries may be file names or integer ids (17 -> '17.png').
-    With ``image_names``, a name that is not one of them raises DataError."""
+    With ``image_names``, a name that is not one of them raises DataError (saying it is not ``where``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: annotated file not found")
@@ -100,7 +101,7 @@ def read_annotated(path: str | os.PathLike, image_names: Sequence[str] | None = 
         except TypeError:
             raise DataError(f"{path}: entry {i} is {entry!r}, not an image name; {fmt}") from None
         if image_names is not None and name not in image_set:
-            raise DataError(f"{path}: annotated image {name!r} is not an image of the data set")
+            raise DataError(f"{path}: annotated image {name!r} is not {where}")
         if name not in seen:
             seen.add(name)
             names.append(name)
@@ -254,6 +255,11 @@ class ChallengeDataset:
         else:
             annotated_path = next((root / c for c in ANNOTATED_FILES if (root / c).is_file()), None)
         annotated_names = read_annotated(annotated_path, names) if annotated_path is not None else None
+        if table is None and labels is not False and annotated_names:
+            # an annotated list says labels exist: without them every "labelled" image would be empty
+            looked = TEST_LABEL_FILES if img_dir.name == "test-images" else LABEL_FILES
+            raise DataError(f"{annotated_path} lists {len(annotated_names)} annotated image(s) but {root} has no "
+                            f"labels CSV (looked for {', '.join(looked)}); add it, or name it (option labels)")
 
         # labelled / unlabelled
         if table is None:

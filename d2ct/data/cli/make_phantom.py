@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from d2ct.data.phantom import write_phantom_dataset, write_preview
 
+    from d2ct.utils.fileio import check_writable
+
+    check_writable(args.out, kind="dir", option="--out")
+    check_writable(args.preview, kind="file", option="--preview")
     t0 = time.perf_counter()
     root = write_phantom_dataset(args.out, n_train=args.n_train, n_labelled=args.n_labelled, n_test=args.n_test,
                                  size=args.size, seed=args.seed, workers=args.workers,
