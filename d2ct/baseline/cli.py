@@ -83,9 +83,16 @@ def _run(args) -> int:
     from d2ct.baseline.watershed import PRESETS, compare_configs, get_preset, run_baseline
     from d2ct.errors import ConfigError
 
+    from d2ct.utils.fileio import check_writable
+
     overrides = _parse_set(args.set)
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1 (images to process), got {args.limit}")
+    # before the work: a baseline run takes minutes and must not fail at the very end
+    check_writable(args.out, kind="file", option="--out")
+    check_writable(args.out_dir, kind="dir", option="--out-dir")
     presets = list(PRESETS) if args.compare_presets else [args.preset]
     configs = {name: get_preset(name, **overrides) for name in presets}
     if args.show_config:

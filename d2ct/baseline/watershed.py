@@ -261,7 +261,7 @@ def segment_files(
     """Segment image files in parallel (``workers`` processes); returns (n, H, W) uint8 in input order.
 
     All images must share one size (the challenge CSV has one pixel count per file)."""
-    from tqdm import tqdm
+    from d2ct.utils.progress import progress_bar as tqdm  # line mode when stderr is not a terminal
 
     if isinstance(cfg, str):
         cfg = get_preset(cfg)
@@ -376,6 +376,8 @@ def compare_configs(
             raise DataError(f"{data_root}: image {missing[0]!r} not found")
         selected = [str(n) for n in names]
     if limit is not None:
+        if int(limit) < 1:
+            raise ConfigError(f"limit (--limit) must be >= 1, got {limit}")
         selected = selected[: int(limit)]
     if not selected:
         raise DataError(f"{data_root}: no {split} images to segment")

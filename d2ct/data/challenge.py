@@ -56,11 +56,35 @@ def _match_name(entry: Any, image_set: set[str]) -> str:
     raise TypeError(entry)
 
 
-def read_annotated(path: str | os.PathLike, image_names: Sequence[str] | None = None) -> list[str]:
+def _png_bit_depth(path: Path) -> int | None:
+    """Bits per sample from a PNG's IHDR header (26 bytes read), None if it is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24]
+
+
+def _warn_mixed_bit_depths(img_dir: Path, names: Sequence[str]) -> None:
+    """One warning when a folder mixes 8- and 16-bit slices: each is scaled to 8 bits on its own
+    (slice_to_uint8), so the same HU can look different in two slices of one data set."""
+    by_depth: dict[int, list[str]] = {}
+    for name in names:
+        depth = _png_bit_depth(img_dir / name)
+        if depth is not None:
+            by_depth.setdefault(depth, []).append(name)
+    if len(by_depth) > 1:
+        parts = ", ".join(f"{len(v)} {d}-bit (first: {v[0]})" for d, v in sorted(by_depth.items()))
+        logger.warning("%s: the slices mix bit depths (%s); each is scaled to 8 bits separately, so intensities "
+                       "are not comparable between them. Export every slice the same way.", img_dir, parts)
+
+
+def read_annotated(path: str | os.PathLike, image_names: Sequence[str] | None = None, *,
+                   where: str = "an image of the data set") -> list[str]:
     """Annotated image names (natural order) from ``annotated.json`` ({"annotated": [...]}), a plain
     JSON list, or a 2025-style ``annotated_labels.json`` mapping image -> organs looked at (images with
     a non-empty entry count as annotated). Entries may be file names or integer ids (17 -> '17.png').
-    With ``image_names``, a name that is not one of them raises DataError."""
+    With ``image_names``, a name that is not one of them raises DataError (saying it is not ``where``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: annotated file not found")
@@ -100,7 +124,7 @@ def read_annotated(path: str | os.PathLike, image_names: Sequence[str] | None = 
         except TypeError:
             raise DataError(f"{path}: entry {i} is {entry!r}, not an image name; {fmt}") from None
         if image_names is not None and name not in image_set:
-            raise DataError(f"{path}: annotated image {name!r} is not an image of the data set")
+            raise DataError(f"{path}: annotated image {name!r} is not {where}")
         if name not in seen:
             seen.add(name)
             names.append(name)
@@ -199,6 +223,8 @@ class ChallengeDataset:
                         f"{img_dir / name}: image size {s[0]}x{s[1]} (HxW) differs from {shape[0]}x{shape[1]} "
                         f"of {names[0]}; all images of a data set must have the same size"
                     )
+        if check_images:
+            _warn_mixed_bit_depths(img_dir, names)
         name_set = set(names)
 
         # labels
@@ -254,6 +280,11 @@ class ChallengeDataset:
         else:
             annotated_path = next((root / c for c in ANNOTATED_FILES if (root / c).is_file()), None)
         annotated_names = read_annotated(annotated_path, names) if annotated_path is not None else None
+        if table is None and labels is not False and annotated_names:
+            # an annotated list says labels exist: without them every "labelled" image would be empty
+            looked = TEST_LABEL_FILES if img_dir.name == "test-images" else LABEL_FILES
+            raise DataError(f"{annotated_path} lists {len(annotated_names)} annotated image(s) but {root} has no "
+                            f"labels CSV (looked for {', '.join(looked)}); add it, or name it (option labels)")
 
         # labelled / unlabelled
         if table is None:

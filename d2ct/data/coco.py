@@ -243,7 +243,7 @@ def dataset_dicts(
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        from d2ct.utils.progress import progress_bar as tqdm  # line mode when stderr is not a terminal
 
         bar = tqdm(total=len(items), desc="label maps -> COCO", unit="img")
     try:

@@ -22,7 +22,7 @@ from d2ct.data.challenge import ChallengeDataset, split_labelled
 from d2ct.data.labels_csv import write_labels_csv
 from d2ct.data.manifest import MANIFEST_FILE, load_manifest
 from d2ct.data.volumes import atomic_directory
-from d2ct.errors import DataError
+from d2ct.errors import ConfigError, DataError
 from d2ct.utils.fileio import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,12 @@ def make_holdout(
     ``labels.csv.gz``, ``annotated.json`` and the manifest rows. ``link``: symbolic links to the
     source images instead of copies.
     """
+    try:
+        fraction_ok = 0.0 < float(test_fraction) < 1.0
+    except (TypeError, ValueError):
+        fraction_ok = False
+    if not fraction_ok:
+        raise ConfigError(f"--test-fraction (test_fraction) must be between 0 and 1 (exclusive), got {test_fraction!r}")
     src = Path(source)
     ds = ChallengeDataset.open(src)
     if ds.labels is None or not ds.labelled_names:

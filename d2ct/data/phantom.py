@@ -684,7 +684,7 @@ def write_phantom_dataset(root: str | os.PathLike, *, n_train: int = 60, n_label
 
 
 def _write_phantom(tmp: Path, params: dict, cfg: PhantomConfig, workers: int, progress: bool) -> None:
-    from tqdm import tqdm
+    from d2ct.utils.progress import progress_bar as tqdm  # line mode when stderr is not a terminal
 
     from d2ct.data.labels_csv import write_labels_csv
 

@@ -194,12 +194,42 @@ def load_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Vo
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
         raise DataError(f"{path}: unsupported NIfTI data type {data.dtype}")
     data = data.astype(np.float32, copy=False)
+    data = _finite_hu(data, path)
     return _make_volume(data, affine, str(path), "nifti")
+
+
+def _finite_hu(data: np.ndarray, source) -> np.ndarray:
+    """NaN / infinite voxels (a failed conversion upstream) set to the volume's lowest finite value
+    (shown black, as air), with one warning naming the file; an all-NaN volume is an error."""
+    bad = ~np.isfinite(data)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return data
+    if n_bad == data.size:
+        raise DataError(f"{source}: every voxel is NaN or infinite; there is no image to segment")
+    low = float(data[~bad].min())
+    logger.warning("%s: %d voxel(s) (%.2f%%) are NaN or infinite; they are set to the lowest value %.1f HU "
+                   "(black in every window)", source, n_bad, 100.0 * n_bad / data.size, low)
+    data = np.array(data, dtype=np.float32, copy=True)
+    data[bad] = low
+    return data
+
+
+def _warn_if_oblique(native_affine: np.ndarray, source: str) -> None:
+    """One warning when the voxel axes are tilted from the scanner axes: the volume is then shown on
+    its closest axis-aligned grid (slices are not exactly axial); labels stay on the native grid."""
+    directions = native_affine[:3, :3] / np.linalg.norm(native_affine[:3, :3], axis=0)
+    tilt = float(np.degrees(np.arccos(np.clip(np.abs(directions).max(axis=0), -1.0, 1.0))).max())
+    if tilt > 0.5:
+        logger.warning("%s: oblique volume (voxel axes tilted up to %.1f degrees from the scanner axes); it is "
+                       "snapped to the closest axial grid, so slices are not exactly axial. Label volumes are "
+                       "saved on the original grid.", source, tilt)
 
 
 def _make_volume(native: np.ndarray, native_affine: np.ndarray, source: str, kind: str,
                  files: list[str] | None = None, meta: dict | None = None) -> Volume:
     shape = tuple(int(s) for s in native.shape)
+    _warn_if_oblique(native_affine, source)
     affine = _display_geometry(native_affine, shape)
     vol = Volume(hu=np.empty(0, np.float32), affine=affine, spacing=_spacing(affine), source=source, kind=kind,
                  native_shape=shape, native_affine=native_affine, meta=dict(meta or {}))
@@ -497,7 +527,7 @@ def import_volume(image_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     and must be <= 255. The folder is written to a temporary folder and renamed into place; an
     existing non-empty ``out_dir`` is replaced only with ``overwrite``.
     """
-    from tqdm import tqdm
+    from d2ct.utils.progress import progress_bar as tqdm  # line mode when stderr is not a terminal
 
     from d2ct.data.images import write_slice
     from d2ct.data.labels_csv import write_labels_csv

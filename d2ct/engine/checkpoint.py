@@ -10,6 +10,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
 
+from d2ct.errors import DataError
 from d2ct.utils.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
@@ -17,7 +18,64 @@ logger = logging.getLogger(__name__)
 BEST_PREFIX = "model_best"
 
 
-class AtomicCheckpointer(DetectionCheckpointer):
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, str]:
+    """(content, SHA-256) of a d2ct/Detectron2 ``.pth`` checkpoint, read once and only as data
+    (``weights_only=True``: tensors and plain containers; a pickle that would run code is refused).
+
+    A file that cannot be read so (random bytes, truncated by a full disk or an interrupted copy,
+    another format, or holding arbitrary objects) raises DataError naming it; there is no fallback
+    to another checkpoint and no advice to load it unsafely."""
+    import hashlib
+    import io
+
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
+        first = (str(e).strip().splitlines() or [""])[0]
+        if "weights_only" in str(e) or "Weights only load failed" in first:
+            # torch's message suggests weights_only=False, i.e. running the file's code: never relay it
+            reason = "it is not a plain-data PyTorch checkpoint (random or damaged bytes, or pickled objects)"
+        else:
+            reason = f"{type(e).__name__}: {first[:200]}"
+        raise DataError(
+            f"{path}: the checkpoint is damaged or not a d2ct checkpoint ({reason}); it was not loaded. "
+            f"Restore it from a copy or train again ({len(raw)} bytes, sha256 {digest[:12]}...)"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("model", data), dict):  # e.g. a bare tensor
+        raise DataError(f"{path}: not a d2ct checkpoint (expected a dict with a 'model' state dict, "
+                        f"got {type(data).__name__}); it was not loaded")
+    return data, digest
+
+
+class VerifiedCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that reads ``.pth`` files through :func:`read_checkpoint` (one clear
+    error for a damaged file) and keeps the SHA-256 of the last file it loaded in ``sha256``."""
+
+    sha256: str | None = None
+
+    def _load_file(self, filename: str):
+        if filename.endswith((".pkl", ".pyth")):
+            return super()._load_file(filename)  # Detectron2 model-zoo / pycls pretrained weights
+        data, self.sha256 = read_checkpoint(filename)
+        # as DetectionCheckpointer does for a bare state dict
+        return data if "model" in data else {"model": data, "matching_heuristics": True}
+
+
+def load_checkpoint(model, path: str | os.PathLike) -> str | None:
+    """Load ``path`` into ``model`` (verified, weights only); return its SHA-256 (None for .pkl/.pyth)."""
+    checkpointer = VerifiedCheckpointer(model)
+    checkpointer.load(os.fspath(path))
+    return checkpointer.sha256
+
+
+class AtomicCheckpointer(VerifiedCheckpointer):
     """DetectionCheckpointer whose files appear only when complete (temp file + rename).
 
     ``model_best`` is not tagged as the last checkpoint: resuming must continue from the latest

@@ -33,6 +33,7 @@ from d2ct.postprocess.submission import (PostprocessOptions, find_slices, label_
 from d2ct.postprocess.volume_output import (add_linking_arguments, link_options_from_args, link_slice_folder,
                                             write_volume_prediction)
 from d2ct.utils.cli import prog
+from d2ct.utils.fileio import check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +85,9 @@ def run(args):
     source = Path(args.input)
     if not args.out and (_is_volume(source) or not args.instances):
         raise DataError("--out is needed (--instances alone is enough only for slices)")
+    for option, path, kind in (("--out", args.out, "file"), ("--instances", args.instances, "file"),
+                               ("--viz", args.viz, "dir")):
+        check_writable(path, kind=kind, option=option)  # before the model runs
     setup_logger(name="d2ct")
     setup_logger()
     cfg, weights = load_trained(args.model, args.weights, args.opts)

@@ -16,7 +16,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import transforms as T
 from detectron2.layers import paste_masks_in_image
 from detectron2.modeling import build_model
@@ -24,11 +23,12 @@ from detectron2.structures import Boxes
 from detectron2.utils import comm
 from pycocotools import mask as mask_util
 from scipy.optimize import linear_sum_assignment
-from tqdm import tqdm
 
 from d2ct.errors import ConfigError
 from d2ct.utils.masks import mask_iou
+from d2ct.utils.progress import progress_bar as tqdm  # line mode when stderr is not a terminal
 
+from .checkpoint import load_checkpoint
 from .mapper import CTDatasetMapper, read_model_image
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class BatchPredictor:
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
         self.model.eval()
-        DetectionCheckpointer(self.model).load(weights or cfg.MODEL.WEIGHTS)
+        self.weights_sha256 = load_checkpoint(self.model, weights or cfg.MODEL.WEIGHTS)  # damaged file: DataError
         self.mapper = CTDatasetMapper(self.cfg, is_train=False)
         self.batch_size = max(1, int(batch_size))
         self.flip_tta = flip_tta

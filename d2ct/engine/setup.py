@@ -54,6 +54,9 @@ def setup(args, *, register: bool = True, check_weights: bool = True):
     if check_weights and cfg.D2CT.CHECK_WEIGHTS and not getattr(args, "eval_only", False):
         resolve_weights(cfg, args.config_file)
     cfg.freeze()
+    from d2ct.utils.fileio import check_writable
+
+    check_writable(cfg.OUTPUT_DIR, kind="dir", option="OUTPUT_DIR")  # before the weights, data and training
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     default_setup(cfg, args)
     # d2ct's own messages go to the same console and log.txt as Detectron2's

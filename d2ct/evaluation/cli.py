@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size (default: square, from the number of pixel rows)")
     p.add_argument("--annotated", metavar="JSON",
                    help="annotated list (annotated.json / annotated_labels.json): only those images are scored")
-    p.add_argument("--skip-empty", action="store_true", help="skip images whose truth column is all zero")
+    empty = p.add_mutually_exclusive_group()
+    empty.add_argument("--skip-empty", action="store_true", default=None,
+                       help="skip images whose truth column is all zero (the default without --annotated: "
+                            "such columns are the unlabelled pool)")
+    empty.add_argument("--include-empty", dest="skip_empty", action="store_false",
+                       help="also score images whose truth column is all zero (as images with no structure)")
     p.add_argument("--manifest", metavar="CSV", help="per-image manifest (a file/name/id column) for --group-by")
     p.add_argument("--group-by", action="append", default=[], metavar="COLUMN",
                    help="break the scores down by this manifest column (repeatable)")
@@ -61,9 +66,11 @@ def _run(args) -> int:
         write_report,
     )
     from d2ct.errors import ConfigError
+    from d2ct.utils.fileio import check_writable
 
     if args.group_by and not args.manifest:
         raise ConfigError("--group-by needs --manifest")
+    check_writable(args.out, kind="dir", option="--out")
     manifest = load_manifest(args.manifest) if args.manifest else None
     if manifest is not None:
         for col in args.group_by:
@@ -72,9 +79,8 @@ def _run(args) -> int:
     result = evaluate_csv(args.truth, args.pred, shape=args.shape, annotated=args.annotated,
                           skip_empty=args.skip_empty, with_ap=not args.no_ap, progress=not args.quiet)
     print(format_summary(result.summary, title=f"{args.pred} vs {args.truth}"))
-    for key in ("skipped_unannotated", "skipped_empty"):
-        if result.info.get(key):
-            print(f"({key.replace('_', ' ')}: {result.info[key]} images)")
+    for line in left_out_lines(result.info):
+        print(line, file=sys.stderr)
     for col in args.group_by:
         print(f"\nby {col}:")
         print(format_frame(breakdown(result.per_image, manifest, col)))
@@ -83,6 +89,22 @@ def _run(args) -> int:
                              title=Path(args.pred).name)
         print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def left_out_lines(info: dict) -> list[str]:
+    """One line per kind of image not scored: nothing is dropped or ignored without a word."""
+    what = {
+        "skipped_empty": ("all-zero (unlabelled) truth column(s) not scored", "--include-empty scores them"),
+        "skipped_unannotated": ("truth column(s) not in --annotated not scored", ""),
+        "ignored_pred_columns": ("prediction column(s) with no scored truth image ignored", ""),
+    }
+    lines = []
+    for key, (text, hint) in what.items():
+        n = info.get(key) or 0
+        if n:
+            first = info.get(f"{key}_first")
+            lines.append(f"note: {n} {text}" + (f" (first: {first})" if first else "") + (f"; {hint}" if hint else ""))
+    return lines
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def evaluate_label_maps(
     progress: bool = False,
 ) -> EvaluationResult:
     """Score predicted label maps against true ones (same order as ``names``)."""
-    from tqdm import tqdm
+    from d2ct.utils.progress import progress_bar as tqdm  # line mode when stderr is not a terminal
 
     names = [str(n) for n in names]
     rows = []
@@ -141,7 +141,7 @@ def evaluate_csv(
     *,
     shape: tuple[int, int] | None = None,
     annotated: str | os.PathLike | Sequence[str] | None = None,
-    skip_empty: bool = False,
+    skip_empty: bool | None = None,
     names: Sequence[str] | None = None,
     with_ap: bool = True,
     progress: bool = True,
@@ -149,9 +149,13 @@ def evaluate_csv(
     """Evaluate a prediction CSV against a truth CSV (both in the challenge layout).
 
     Images scored: every truth column (or ``names``), restricted to ``annotated`` (a JSON file
-    readable by :func:`d2ct.data.challenge.read_annotated`, or a list of names) and, with
-    ``skip_empty``, to columns whose truth is not all zero.  Every scored image must be a column of
-    the prediction; extra prediction columns are ignored."""
+    readable by :func:`d2ct.data.challenge.read_annotated`, or a list of names; every name must be
+    a truth column) and, with ``skip_empty``, to columns whose truth is not all zero. ``skip_empty``
+    None (the default): True without an annotated list, as everywhere else in d2ct an all-zero
+    column is an unlabelled image (the pool of labels.csv.gz), not an image with no structure.
+    Every scored image must be a column of the prediction. What was left out is counted in
+    ``info`` (``skipped_unannotated``, ``skipped_empty``, ``ignored_pred_columns`` with the first
+    name of each in ``*_first``) for the caller to say."""
     from d2ct.data.labels_csv import read_labels_csv
 
     truth = read_labels_csv(truth_csv)
@@ -171,27 +175,45 @@ def evaluate_csv(
         raise DataError(f"{truth_csv}: no column {missing_truth[0]!r} ({len(missing_truth)} requested image(s) missing)")
     info = {"truth_csv": str(truth_csv), "pred_csv": str(pred_csv), "shape": list(shape), "n_truth_columns": truth.n_images}
     if annotated is not None:
+        where = f"a column of the truth {truth_csv}"
         if isinstance(annotated, (str, os.PathLike)):
             from d2ct.data.challenge import read_annotated
 
-            ann = set(read_annotated(annotated))
+            ann = set(read_annotated(annotated, list(truth.names), where=where))
             info["annotated"] = str(annotated)
         else:
             ann = {str(a) for a in annotated}
-        before = len(selected)
+            unknown = sorted(ann - set(truth.names), key=natural_key)
+            if unknown:
+                raise DataError(f"annotated image {unknown[0]!r} is not {where}"
+                                + (f" ({len(unknown)} such names)" if len(unknown) > 1 else ""))
+        dropped = [n for n in selected if n not in ann]
         selected = [n for n in selected if n in ann]
-        info["skipped_unannotated"] = before - len(selected)
+        info["skipped_unannotated"] = len(dropped)
+        if dropped:
+            info["skipped_unannotated_first"] = dropped[0]
+    if skip_empty is None:
+        skip_empty = annotated is None
+    info["skip_empty"] = bool(skip_empty)
     if skip_empty:
-        before = len(selected)
+        dropped = [n for n in selected if truth.is_empty(n)]
         selected = [n for n in selected if not truth.is_empty(n)]
-        info["skipped_empty"] = before - len(selected)
+        info["skipped_empty"] = len(dropped)
+        if dropped:
+            info["skipped_empty_first"] = dropped[0]
     if not selected:
-        raise DataError(f"{truth_csv}: no image left to evaluate (check --annotated / --skip-empty)")
+        raise DataError(f"{truth_csv}: no image left to evaluate (every column is all zero, i.e. unlabelled, "
+                        "or not in --annotated; --include-empty scores all-zero columns)")
     missing = [n for n in selected if n not in pred]
     if missing:
         raise DataError(
             f"{pred_csv}: no column for truth image {missing[0]!r} ({len(missing)} of {len(selected)} images missing)"
         )
+    chosen = set(selected)
+    ignored = [n for n in pred.names if n not in chosen]
+    info["ignored_pred_columns"] = len(ignored)
+    if ignored:
+        info["ignored_pred_columns_first"] = ignored[0]
     selected = sorted(selected, key=natural_key)
     result = evaluate_label_maps(
         selected,

@@ -43,6 +43,9 @@ def _run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     cfg = load_pipeline_config(args.config, args.set)
     pipeline = Pipeline(cfg, args.config)
+    from d2ct.utils.fileio import check_writable
+
+    check_writable(pipeline.out, kind="dir", option="out (pipeline config)")
     pipeline.run(from_stage=args.from_stage, until=args.until)
     if pipeline.is_done("evaluate"):
         print()

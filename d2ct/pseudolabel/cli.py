@@ -22,6 +22,7 @@ from d2ct.errors import ConfigError
 from d2ct.pseudolabel.radiologists import Radiologist
 from d2ct.pseudolabel.run import MODES, ConsensusOptions, pseudo_label_pool
 from d2ct.utils.cli import prog
+from d2ct.utils.fileio import check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,9 @@ def build_radiologists(args) -> list[Radiologist]:
 
 def run(args):
     """One pseudo-labelling process; ``launch`` starts one per GPU / CPU process."""
+    if args.limit < 0:
+        raise ConfigError(f"--limit must be >= 0 (0 = the whole pool), got {args.limit}")
+    check_writable(args.out, kind="dir", option="--out")
     setup_logger(name="d2ct")
     setup_logger()
     radiologists = build_radiologists(args)

@@ -21,14 +21,14 @@ from typing import Sequence
 
 import numpy as np
 from detectron2.utils import comm
-from tqdm import tqdm
 
 from d2ct.config import setup_cfg
 from d2ct.data.coco import label_map_to_instances, to_coco_json
 from d2ct.engine.predictor import BatchPredictor, InstancePrediction
 from d2ct.errors import ConfigError
 from d2ct.postprocess.flatten import instances_to_label_map
-from d2ct.utils.fileio import atomic_write_json, atomic_write_text, read_json
+from d2ct.utils.fileio import atomic_write_json, atomic_write_text, file_sha256, read_json
+from d2ct.utils.progress import progress_bar as tqdm  # line mode when stderr is not a terminal
 
 from .consensus import consensus_instances
 from .radiologists import Radiologist, normalised_weights, partition_pool
@@ -264,7 +264,7 @@ def pseudo_label_pool(
         "ignore_regions": int(sum(a["iscrowd"] for d in dicts for a in d["annotations"])),
         "radiologists": [
             {"name": m.name, "ap": m.ap, "weight": float(w), "threshold": m.threshold, "weights_file": m.weights,
-             **per_model.get(m.name, {})}
+             "weights_sha256": file_sha256(m.weights), **per_model.get(m.name, {})}
             for m, w in zip(radiologists, weights)
         ],
         "consensus": consensus.__dict__ if mode == "consensus" else None,

@@ -1,9 +1,12 @@
 """Shared pieces of the command-line tools (each tool's ``main`` lives in its stage's module)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 # exit statuses besides 0 (argparse itself exits 2 on a usage error)
 EXIT_ERROR = 2  # bad input, option or weights: a d2ct error (D2CTError)
@@ -22,26 +25,51 @@ def prog() -> str | None:
     return None
 
 
+INTERRUPTED_MESSAGE = ("interrupted: no partial file was written (outputs are replaced only when complete; "
+                       "files finished before the interruption are kept)")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``, a batch system's time limit) raises
+    KeyboardInterrupt as Ctrl-C does, so the same clean-up runs (temporary files removed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(body: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Run a command's ``body(*args, **kwargs)`` and return its exit status: the int it returns
     (``None`` or anything else: 0), or
 
     - a d2ct error (:class:`d2ct.errors.D2CTError`: bad input, option or weights): ``error: <message>``
       on stderr, no traceback, status 2;
-    - Ctrl-C (KeyboardInterrupt): one line on stderr, status 130;
+    - Ctrl-C (KeyboardInterrupt) or SIGTERM (handled as Ctrl-C): one line on stderr, status 130.
+      Every output goes through an atomic write, so what an interrupted run leaves is the previous
+      complete files or new complete ones, never a partial file; the line says so;
     - a closed pipe on stdout (``d2ct-evaluate ... | head``): nothing more is written, status 141.
 
     Any other exception propagates with its traceback: it is a bug, not bad input."""
     from d2ct.errors import D2CTError
 
     try:
-        status = body(*args, **kwargs)
-        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        with sigterm_as_interrupt():
+            status = body(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except D2CTError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(INTERRUPTED_MESSAGE, file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # Python flushes stdout again at exit and would report the closed pipe then: point it at

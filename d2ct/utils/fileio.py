@@ -91,3 +91,55 @@ _DIGITS = re.compile(r"(\d+)")
 def natural_key(name: str) -> tuple:
     """Sort key giving 0.png, 1.png, 2.png, ..., 10.png (not 0, 1, 10, 2)."""
     return tuple(int(part) if part.isdigit() else part.lower() for part in _DIGITS.split(str(name)))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's content (read in chunks)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _probe_dir(folder: Path, what: str) -> None:
+    """Create and remove a temporary file in ``folder``: the only test that also catches read-only
+    file systems and holds for root (os.access says yes to root whatever the mode bits)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".d2ct-write-test.", dir=folder)
+    except OSError as e:
+        from d2ct.errors import ConfigError
+
+        raise ConfigError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_writable(path: str | os.PathLike | None, *, kind: str = "file", option: str = "--out") -> None:
+    """Check, before any work, that ``path`` can be written as a ``kind`` ("file" or "dir").
+
+    ConfigError naming ``option`` and the path when it is a folder where a file is wanted (or the
+    reverse), when a parent on its way is a file, or when the nearest existing folder is not
+    writable. Nothing is left behind. ``None`` (option not given) passes."""
+    from d2ct.errors import ConfigError
+
+    if path is None or str(path) == "":
+        return
+    if kind not in ("file", "dir"):
+        raise ValueError(kind)
+    p = Path(path)
+    what = f"{option} {path}"
+    if p.exists():
+        if kind == "file" and p.is_dir():
+            raise ConfigError(f"{what} is a folder; give a file name")
+        if kind == "dir" and not p.is_dir():
+            raise ConfigError(f"{what} is an existing file, not a folder")
+        _probe_dir(p if kind == "dir" else (p.parent if str(p.parent) else Path(".")), what)
+        return
+    parent = p.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{what}: {parent} is a file, not a folder")
+    _probe_dir(parent, what)

@@ -64,6 +64,9 @@ def _run(args) -> int:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.min_area < 0:
         raise ConfigError(f"--min-area must be >= 0, got {args.min_area}")
+    from d2ct.utils.fileio import check_writable
+
+    check_writable(args.out, kind="file", option="--out")
     dataset = ChallengeDataset.open(
         args.dataset_dir, image_dir=args.image_dir, labels=args.labels, annotated=args.annotated
     )

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from d2ct.data.volumes import import_volume
 
+    from d2ct.utils.fileio import check_writable
+
+    check_writable(args.out, kind="dir", option="--out")
     t0 = time.perf_counter()
     s = import_volume(args.image, args.out, label_path=args.labels, level=args.level, width=args.width,
                       size=args.size, step=args.step, z_range=args.z_range, only_labelled=args.only_labelled,

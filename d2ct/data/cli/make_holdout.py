@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from d2ct.data.holdout import make_holdout
+    from d2ct.utils.fileio import check_writable
+
+    check_writable(args.out, kind="dir", option="--out")
 
     summary = make_holdout(args.data, args.out, test_fraction=args.test_fraction, group_by=args.group_by,
                            seed=args.seed, manifest=args.manifest, link=args.link, overwrite=args.overwrite)

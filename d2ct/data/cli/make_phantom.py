@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from d2ct.data.phantom import write_phantom_dataset, write_phantom_volume, write_preview
 
+    from d2ct.utils.fileio import check_writable
+
+    check_writable(args.out, kind="dir", option="--out")
+    check_writable(args.preview, kind="file", option="--preview")
     t0 = time.perf_counter()
     if args.volume:
         paths = write_phantom_volume(args.out, seed=args.seed, size=args.size, n_slices=args.n_slices,
