@@ -141,7 +141,7 @@ CMP_COLUMNS = ["input_px", "batch", "slices", "fp32 ms/slice", "new ms/slice", "
 
 
 def run_compare(model_dir: Path, data_root: Path, n_slices: int = 24, rounds: int = 2,
-                sizes=(256, 512), batches=(1, 8)) -> list[dict]:
+                sizes=(256, 512), batches=(1, 8), new_opts: list[str] = ()) -> list[dict]:
     from detectron2.layers import paste_masks_in_image
 
     import d2ct.engine.predictor as pred_mod
@@ -166,7 +166,7 @@ def run_compare(model_dir: Path, data_root: Path, n_slices: int = 24, rounds: in
     options = PostprocessOptions(score_threshold=0.5, min_area=5, fallback_top_k=3)
     modes = {"fp32": (["D2CT.CPU_BF16", "False", "D2CT.CHANNELS_LAST", "False", "D2CT.PREDICT_SCORE_FLOOR", "0.0"],
                       old_paste),
-             "new": ([], new_paste)}
+             "new": (list(new_opts), new_paste)}
     rows = []
     for px in sizes:
         for batch in batches:
@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-opts", nargs="+", default=[], metavar="KEY VALUE",
+                    help="--compare: overrides of the new side, e.g. D2CT.PREDICT_SCORE_FLOOR 0.0 (bf16 alone)")
     args = ap.parse_args(argv)
     if args.compare:
         if not (args.model and args.data):
@@ -266,10 +268,10 @@ def main(argv=None) -> int:
         import logging
 
         logging.getLogger("d2ct").setLevel(logging.WARNING)
-        rows = run_compare(args.model, args.data, args.slices, args.rounds, args.sizes, args.batches)
+        rows = run_compare(args.model, args.data, args.slices, args.rounds, args.sizes, args.batches, args.new_opts)
         info = machine_info()
         print(f"# bench_infer --compare on {info['cpu']}, {info['cores']} cores, {info['date']}; model "
-              f"{args.model}, slices of {args.data}/test-images\n")
+              f"{args.model}, slices of {args.data}/test-images; new side overrides: {args.new_opts or 'none'}\n")
         print(markdown_table(rows, CMP_COLUMNS))
         return 0
     rows = run(quick=args.quick)
