@@ -57,6 +57,23 @@ def add_d2ct_config(cfg: CN) -> CN:
     _C.D2CT.CURVES = True  # training_curves.png at the end of training
     _C.D2CT.ROLE = ""  # free text shown in logs and reports ("quick", "balanced", "detail", "final")
 
+    # CPU speed (d2ct.engine.precision): bfloat16 autocast for training, evaluation and prediction
+    # where the CPU computes bfloat16 natively (avx512_bf16 / amx_bf16; float32 elsewhere, said
+    # once in the log); the weights, gradients, GroupNorm, softmax, losses and the score / box /
+    # mask logit layers stay float32. CHANNELS_LAST: NHWC convolutions on the CPU. Prediction reads
+    # both from the model's config.yaml (tools/predict.py --fp32 turns bfloat16 off).
+    _C.D2CT.CPU_BF16 = True
+    _C.D2CT.CHANNELS_LAST = True
+    # Prediction (BatchPredictor: tools/predict.py, pseudo-labelling, the pipeline) runs the mask
+    # head only on detections scored at least PREDICT_SCORE_FLOOR, plus each slice's
+    # PREDICT_KEEP_TOP_K best whatever their score (so the fallback of D2CT.POSTPROCESS.FALLBACK_TOP_K
+    # still finds them); the mask head over every detection dominates CPU inference. Keep the floor
+    # below every threshold used downstream (pipeline predict.threshold_grid starts at 0.3,
+    # pseudolabel.ignore_below). 0 keeps Detectron2's MODEL.ROI_HEADS.SCORE_THRESH_TEST alone.
+    # Training-time validation (mask AP) is not affected.
+    _C.D2CT.PREDICT_SCORE_FLOOR = 0.2
+    _C.D2CT.PREDICT_KEEP_TOP_K = 5
+
     # Use ImageNet-pretrained backbones when MODEL.WEIGHTS names them; stop with a clear message
     # when they cannot be fetched (see d2ct.engine.weights).
     _C.D2CT.CHECK_WEIGHTS = True

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-area", type=int, help="drop instances smaller than this many pixels")
     p.add_argument("--fallback-top-k", type=int, help="instances kept below the threshold when none passes")
     p.add_argument("--flip-tta", action="store_true", help="fuse predictions on each slice and its mirror image")
+    p.add_argument("--fp32", action="store_true",
+                   help="predict in float32 even where the model's config has D2CT.CPU_BF16 on (= D2CT.CPU_BF16 False)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--list", metavar="FILE", help="predict only the slices named in FILE (one file name per line)")
     p.add_argument("--instances", metavar="FILE.json",
@@ -90,6 +92,8 @@ def run(args):
         check_writable(path, kind=kind, option=option)  # before the model runs
     setup_logger(name="d2ct")
     setup_logger()
+    if args.fp32:
+        args.opts = [*args.opts, "D2CT.CPU_BF16", "False"]
     cfg, weights = load_trained(args.model, args.weights, args.opts)
     options = PostprocessOptions.from_cfg(cfg, score_threshold=args.threshold, min_area=args.min_area,
                                           fallback_top_k=args.fallback_top_k)

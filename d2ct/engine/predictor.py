@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,7 +18,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from detectron2.data import transforms as T
-from detectron2.layers import paste_masks_in_image
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 from detectron2.utils import comm
@@ -28,6 +28,7 @@ from d2ct.errors import ConfigError
 from d2ct.utils.masks import mask_iou
 from d2ct.utils.progress import progress_bar as tqdm  # line mode when stderr is not a terminal
 
+from . import precision
 from .checkpoint import load_checkpoint
 from .mapper import CTDatasetMapper, read_model_image
 
@@ -68,13 +69,48 @@ class InstancePrediction:
         return self
 
 
-def _soft_instances(model, batched_inputs: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Run the model; return per image (scores (N,), soft masks (N, H, W) uint8) at the original size."""
-    results = model.inference(batched_inputs, do_postprocess=False)
+def paste_soft_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
+                     chunk: int = 32) -> torch.Tensor:
+    """Paste (N, M, M) mask probabilities into (N, height, width) uint8 images (probability x 255,
+    truncated, as Detectron2's ``paste_masks_in_image(..., threshold=-1)``), all masks of a chunk
+    in one ``grid_sample`` over the region that bounds their boxes.
+
+    Detectron2 pastes one mask at a time on the CPU (a Python loop of small grid_samples, each
+    with its own index arithmetic); here the loop runs over chunks of ``chunk`` masks. Values are
+    Detectron2's: the same sampling grid (pixel centres mapped to [-1, 1] within each box)."""
+    n = masks.shape[0]
+    out = torch.zeros((n, height, width), dtype=torch.uint8)
+    if n == 0:
+        return out
+    masks = masks.float()[:, None]
+    boxes = boxes.float()
+    for start in range(0, n, chunk):
+        m, b = masks[start:start + chunk], boxes[start:start + chunk]
+        x0i = int(max(0, float(b[:, 0].min().floor()) - 1))
+        y0i = int(max(0, float(b[:, 1].min().floor()) - 1))
+        x1i = int(min(width, float(b[:, 2].max().ceil()) + 1))
+        y1i = int(min(height, float(b[:, 3].max().ceil()) + 1))
+        if x1i <= x0i or y1i <= y0i:
+            continue
+        x0, y0, x1, y1 = b[:, 0:1], b[:, 1:2], b[:, 2:3], b[:, 3:4]
+        img_y = (torch.arange(y0i, y1i, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+        img_x = (torch.arange(x0i, x1i, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+        k, hh, ww = m.shape[0], img_y.shape[1], img_x.shape[1]
+        grid = torch.stack([img_x[:, None, :].expand(k, hh, ww), img_y[:, :, None].expand(k, hh, ww)], dim=3)
+        pasted = torch.nn.functional.grid_sample(m, grid, align_corners=False)[:, 0]
+        out[start:start + k, y0i:y1i, x0i:x1i] = (pasted * 255).to(torch.uint8)
+    return out
+
+
+def _soft_instances(model, batched_inputs: list[dict], bf16: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Run the model (under bfloat16 autocast when ``bf16``); return per image (scores (N,) float32,
+    soft masks (N, H, W) uint8) at the original size."""
+    with precision.autocast(bf16):
+        results = model.inference(batched_inputs, do_postprocess=False)
     out = []
     for r, inp in zip(results, batched_inputs):
         h, w = inp["height"], inp["width"]
-        boxes = Boxes(r.pred_boxes.tensor.clone())
+        boxes = Boxes(r.pred_boxes.tensor.float().clone())
         boxes.scale(w / r.image_size[1], h / r.image_size[0])
         boxes.clip((h, w))
         keep = boxes.nonempty()
@@ -82,9 +118,71 @@ def _soft_instances(model, batched_inputs: list[dict]) -> list[tuple[np.ndarray,
         if keep.sum() == 0:
             out.append((np.zeros(0, np.float32), np.zeros((0, h, w), np.uint8)))
             continue
-        soft = paste_masks_in_image(r.pred_masks[keep][:, 0, :, :], boxes[keep], (h, w), threshold=-1)
+        soft = paste_soft_masks(r.pred_masks[keep][:, 0, :, :], boxes[keep].tensor, h, w)
         out.append((scores.float().cpu().numpy(), soft.cpu().numpy()))
     return out
+
+
+def install_score_floor(model, floor: float, keep_top_k: int) -> bool:
+    """Run the mask head only on detections scored at least ``floor``, plus each image's
+    ``keep_top_k`` best (so a fallback to the best instances below a threshold still finds them).
+    Wraps ``model.roi_heads.forward_with_given_boxes`` (inference only); returns whether it did."""
+    roi = getattr(model, "roi_heads", None)
+    if floor <= 0 or roi is None or not hasattr(roi, "forward_with_given_boxes"):
+        return False
+    inner = roi.forward_with_given_boxes
+
+    def forward_with_given_boxes(features, instances):
+        kept = []
+        for inst in instances:
+            rank = torch.empty(len(inst), dtype=torch.long)
+            rank[torch.argsort(inst.scores, descending=True, stable=True)] = torch.arange(len(inst))
+            kept.append(inst[(inst.scores >= floor) | (rank < keep_top_k)])
+        return inner(features, kept)
+
+    roi.forward_with_given_boxes = forward_with_given_boxes
+    return True
+
+
+class ProgressLog:
+    """Progress of a long prediction as log lines: done / total, slices per second and the time
+    left, at most every ``interval`` seconds and once at the end (pipeline stages write their
+    output to log files, where a tqdm bar is one unreadable line)."""
+
+    def __init__(self, total: int | None, desc: str = "predicting", interval: float = 30.0,
+                 clock=time.monotonic, log=None):
+        self.total, self.desc, self.interval = total, desc, interval
+        self._clock = clock
+        self._log = log or logger.info
+        self.start = self._last = clock()
+        self.done = 0
+
+    def line(self) -> str:
+        elapsed = max(self._clock() - self.start, 1e-9)
+        rate = self.done / elapsed
+        text = f"{self.desc}: {self.done}" + (f"/{self.total}" if self.total else "") + \
+            f" slices, {rate:.2f} slices/s, {_duration(elapsed)} elapsed"
+        if self.total and rate > 0 and self.done < self.total:
+            text += f", ETA {_duration((self.total - self.done) / rate)}"
+        return text
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = self._clock()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._log(self.line())
+
+    def close(self) -> None:
+        if self.done:
+            self._log(self.line())
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def fuse_views(views: Sequence[tuple[np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -172,6 +270,10 @@ class BatchPredictor:
         weights: checkpoint path (defaults to cfg.MODEL.WEIGHTS).
         batch_size: images per forward pass.
         flip_tta: also predict the horizontally flipped slice and fuse the two (see fuse_views).
+
+    From the config: bfloat16 autocast and channels-last on the CPU (D2CT.CPU_BF16,
+    D2CT.CHANNELS_LAST; d2ct.engine.precision) and the mask head only on detections scored at
+    least D2CT.PREDICT_SCORE_FLOOR or among each slice's D2CT.PREDICT_KEEP_TOP_K best.
     """
 
     def __init__(self, cfg, weights: str | None = None, batch_size: int = 4, flip_tta: bool = False):
@@ -179,9 +281,17 @@ class BatchPredictor:
         self.model = build_model(self.cfg)
         self.model.eval()
         self.weights_sha256 = load_checkpoint(self.model, weights or cfg.MODEL.WEIGHTS)  # damaged file: DataError
+        self.bf16 = precision.prepare_model(self.model, self.cfg)
+        install_score_floor(self.model, float(self.cfg.D2CT.PREDICT_SCORE_FLOOR),
+                            max(int(self.cfg.D2CT.PREDICT_KEEP_TOP_K), int(self.cfg.D2CT.POSTPROCESS.FALLBACK_TOP_K)))
         self.mapper = CTDatasetMapper(self.cfg, is_train=False)
         self.batch_size = max(1, int(batch_size))
         self.flip_tta = flip_tta
+        logger.info("BatchPredictor: %s, batch %d%s, mask head on scores >= %g (and the %d best per slice)",
+                    "bfloat16 autocast" if self.bf16 else "float32", self.batch_size,
+                    ", channels-last" if self.cfg.D2CT.CHANNELS_LAST and str(self.cfg.MODEL.DEVICE).startswith("cpu")
+                    else "", self.cfg.D2CT.PREDICT_SCORE_FLOOR,
+                    max(int(self.cfg.D2CT.PREDICT_KEEP_TOP_K), int(self.cfg.D2CT.POSTPROCESS.FALLBACK_TOP_K)))
 
     @torch.no_grad()
     def predict_images(self, named_images: Iterable[tuple[str, np.ndarray]], progress: bool = False,
@@ -190,19 +300,23 @@ class BatchPredictor:
         out: list[InstancePrediction] = []
         batch: list[tuple[str, np.ndarray]] = []
         bar = tqdm(total=total, desc=desc, unit="slice", disable=not progress)
+        log = ProgressLog(total, desc) if progress else None
 
         def flush():
             if not batch:
                 return
             inputs = [self._prepare(img) for _, img in batch]
-            views = _soft_instances(self.model, inputs)
+            views = _soft_instances(self.model, inputs, self.bf16)
             if self.flip_tta:
                 flipped = [self._prepare(np.ascontiguousarray(img[:, ::-1])) for _, img in batch]
-                flipped_views = [(s, np.ascontiguousarray(m[:, :, ::-1])) for s, m in _soft_instances(self.model, flipped)]
+                flipped_views = [(s, np.ascontiguousarray(m[:, :, ::-1]))
+                                 for s, m in _soft_instances(self.model, flipped, self.bf16)]
                 views = [fuse_views([a, b]) for a, b in zip(views, flipped_views)]
             for (name, img), (scores, soft) in zip(batch, views):
                 out.append(InstancePrediction(name, img.shape[0], img.shape[1], scores, soft))
             bar.update(len(batch))
+            if log is not None:
+                log.update(len(batch))
             batch.clear()
 
         for name, image in named_images:
@@ -211,6 +325,8 @@ class BatchPredictor:
                 flush()
         flush()
         bar.close()
+        if log is not None:
+            log.close()
         return out
 
     def _prepare(self, image: np.ndarray) -> dict:

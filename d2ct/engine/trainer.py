@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 import weakref
 
 import torch
@@ -16,6 +17,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2ct.visualization.curves import plot_training_curves
 
+from . import precision
 from .checkpoint import AtomicCheckpointer, BestCheckpointer
 from .mapper import CTDatasetMapper
 
@@ -29,6 +31,41 @@ def wrap_ddp(model, device: str):
     if device.startswith("cuda"):
         return create_ddp_model(model, broadcast_buffers=False)
     return create_ddp_model(model, broadcast_buffers=False, device_ids=None)
+
+
+class CPUBF16Trainer(SimpleTrainer):
+    """SimpleTrainer whose forward pass (model and losses) runs under bfloat16 autocast on the CPU.
+
+    Detectron2's AMPTrainer asserts CUDA and scales the loss for float16; bfloat16 has float32's
+    exponent range, so gradients cannot underflow and no GradScaler is needed: the backward pass
+    and the optimiser step stay as in SimpleTrainer (float32 weights and gradients)."""
+
+    def run_step(self):
+        assert self.model.training, "[CPUBF16Trainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with precision.autocast(True):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        losses.backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """The object that runs one training step: AMPTrainer (CUDA, SOLVER.AMP.ENABLED), CPUBF16Trainer
+    (CPU with native bfloat16, D2CT.CPU_BF16) or SimpleTrainer (float32)."""
+    if cfg.SOLVER.AMP.ENABLED and str(cfg.MODEL.DEVICE).startswith("cuda"):
+        return AMPTrainer(model, data_loader, optimizer)
+    if precision.use_cpu_bf16(cfg):
+        return CPUBF16Trainer(model, data_loader, optimizer)
+    return SimpleTrainer(model, data_loader, optimizer)
 
 
 class TrainingCurves(hooks.HookBase):
@@ -109,13 +146,23 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = wrap_ddp(model, cfg.MODEL.DEVICE)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
+        logger.info("Training step: %s%s", type(self._trainer).__name__,
+                    ", channels-last" if cfg.D2CT.CHANNELS_LAST and cfg.MODEL.DEVICE.startswith("cpu") else "")
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model, channels-last on the CPU (D2CT.CHANNELS_LAST) and with its score,
+        box and mask logit layers in float32 under bfloat16 autocast (D2CT.CPU_BF16)."""
+        model = super().build_model(cfg)
+        precision.prepare_model(model, cfg)
+        return model
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -165,5 +212,6 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        with torch.no_grad():
+        # validation in bfloat16 too where training is (D2CT.CPU_BF16)
+        with torch.no_grad(), precision.autocast(precision.use_cpu_bf16(cfg)):
             return super().test(cfg, model, evaluators)
