@@ -203,8 +203,8 @@ def validate(cfg: dict, source: str) -> None:
     repeat = cfg["final"]["labelled_repeat"]
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ConfigError(f"{source}: final.labelled_repeat must be a whole number of at least 1, got {repeat!r}")
-    if cfg["pseudolabel"]["mode"] not in ("partition", "consensus"):
-        raise ConfigError(f"{source}: pseudolabel.mode must be partition or consensus")
+    if cfg["pseudolabel"]["mode"] not in ("partition", "consensus", "ensemble"):
+        raise ConfigError(f"{source}: pseudolabel.mode must be partition, consensus or ensemble")
     ignore = cfg["pseudolabel"]["ignore_below"]
     if ignore is not None:
         if isinstance(ignore, bool) or not isinstance(ignore, (int, float)) or ignore < 0:
