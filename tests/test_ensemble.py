@@ -143,5 +143,5 @@ def test_ensemble_mode_writes_fused_pseudo_labels_with_ignore_regions(tmp_path, 
     assert "ensemble" in (out / "report.md").read_text()
     with pytest.raises(ConfigError, match="below the ensemble threshold 0.6"):
         run.pseudo_label_pool(rads, pool, out, mode="ensemble", ignore_below=0.6)
-    with pytest.raises(ConfigError, match="partition and ensemble modes only"):
+    with pytest.raises(ConfigError, match="partition mode only, or ensemble"):
         run.pseudo_label_pool(rads, pool, out, mode="consensus", ignore_below=0.1)

@@ -191,8 +191,9 @@ def pseudo_label_pool(
     ensemble_threshold = ensemble.resolved_threshold([r.threshold for r in radiologists], weights)
     if ignore_below is not None:
         if mode == "consensus":
-            raise ConfigError("--ignore-below works in partition and ensemble modes only (consensus keeps or "
-                              "drops a structure by its votes and has no single score to call uncertain)")
+            raise ConfigError("--ignore-below needs one score per structure: partition mode only, or ensemble "
+                              "mode (consensus keeps or drops a structure by its votes and has no single score "
+                              "to call uncertain)")
         lowest = ensemble_threshold if mode == "ensemble" else min(r.threshold for r in radiologists)
         if not 0.0 <= ignore_below < lowest:
             what = "the ensemble threshold" if mode == "ensemble" else "every model's threshold (lowest"
