@@ -23,6 +23,7 @@ follow the image exactly; the intensity steps leave masks alone.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -304,3 +305,36 @@ def copy_paste(image: np.ndarray, annotations: list[dict], source_image: np.ndar
             out.append({"bbox": mask_util.toBbox(rle).tolist(), "bbox_mode": BoxMode.XYWH_ABS, "segmentation": rle,
                         "category_id": 0, "iscrowd": 0, "copy_pasted": True})
     return out_image, out
+
+
+# ------------------------------------------------------------------------------------------------
+# what it looks like
+# ------------------------------------------------------------------------------------------------
+def augmentation_grid(mapper, dicts: Sequence[dict], path, views: int = 4, title: str = ""):
+    """A PNG grid: per dataset dict, the slice with its masks as the mapper's inference path reads
+    it, then ``views`` training samples of it (image and masks after augmentation), masks drawn
+    over the image they came with, so a mask that left its structure shows."""
+    import copy
+
+    from d2ct.visualization.overlay import overlay_grid
+
+    def label_map(instances, shape):
+        out = np.zeros(shape, np.uint8)
+        if instances is not None and instances.has("gt_masks"):
+            for i, m in enumerate(instances.gt_masks.tensor.numpy()[:255]):
+                out[m & (out == 0)] = i + 1
+        return out
+
+    items = []
+    for d in dicts:
+        h, w = d["height"], d["width"]
+        original = np.zeros((h, w), np.uint8)
+        for i, a in enumerate([a for a in d.get("annotations", []) if not a.get("iscrowd", 0)][:255]):
+            original[_decode(a["segmentation"], h, w) & (original == 0)] = i + 1
+        kind = "pseudo" if is_pseudo_labelled(d) else "labelled"
+        items.append((d["file_name"], original, f"{d.get('name', Path(d['file_name']).name)} ({kind})"))
+        for v in range(views):
+            out = mapper(copy.deepcopy(d))
+            image = out["image"][0].numpy()
+            items.append((image, label_map(out.get("instances"), image.shape), f"view {v + 1}"))
+    return overlay_grid(items, path, title=title, ncols=views + 1)
