@@ -4,6 +4,7 @@ pseudo-label quality table."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,17 @@ def test_ensemble_teacher_and_noisy_student_pipeline(tmp_path):
     report = (out / "report" / "report.md").read_text()
     assert "| ensemble of 3 >= 0 |" in report and "| r50 >= " in report
     assert (out / "submission.csv").exists() and "| model | ARI (all pixels)" in proc.stdout
+
+
+@pytest.mark.parametrize("path", sorted(Path("experiments/openkbp").glob("*.yaml")), ids=lambda p: p.stem)
+def test_openkbp_experiment_configs_load(path):
+    """The prepared OpenKBP runs (docs/method-noisy-student.md): valid pipeline configs whose final
+    model's overrides build (a typo in a D2CT.AUGMENT.STUDENT key fails here, not hours into a run)."""
+    from d2ct.config import setup_cfg
+    from d2ct.data.augment import build_student_augmentation
+    from d2ct.pipeline.config import load_pipeline_config
+
+    cfg = load_pipeline_config(str(path))
+    final = setup_cfg(cfg["final"]["config"], [str(o) for o in cfg["opts"] + cfg["final"]["opts"]])
+    assert bool(build_student_augmentation(final)) == final.D2CT.AUGMENT.STUDENT.ENABLED
+    assert cfg["output_dir"].endswith(path.stem) and cfg["radiologists_dir"] == "output/cpu_pipeline/radiologists"
