@@ -60,15 +60,21 @@ class EnsembleOptions:
         return float(np.dot(w, thresholds) / w.sum())
 
 
-def _ious(masks: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """IoU of one (H, W) mask with each of (K, H, W) masks."""
-    if len(masks) == 0:
-        return np.zeros(0)
-    flat = masks.reshape(len(masks), -1)
-    m = mask.reshape(-1)
-    inter = (flat & m).sum(1)
-    union = (flat | m).sum(1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1), end-exclusive, of a non-empty mask."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _iou(a: np.ndarray, box_a: tuple, b: np.ndarray, box_b: tuple) -> float:
+    """Mask IoU computed on the two boxes' union only (0 when the boxes do not meet)."""
+    if box_a[1] <= box_b[0] or box_b[1] <= box_a[0] or box_a[3] <= box_b[2] or box_b[3] <= box_a[2]:
+        return 0.0
+    y0, y1 = min(box_a[0], box_b[0]), max(box_a[1], box_b[1])
+    x0, x1 = min(box_a[2], box_b[2]), max(box_a[3], box_b[3])
+    ca, cb = a[y0:y1, x0:x1], b[y0:y1, x0:x1]
+    union = np.logical_or(ca, cb).sum()
+    return float(np.logical_and(ca, cb).sum() / union) if union else 0.0
 
 
 def ensemble_instances(
@@ -101,39 +107,44 @@ def ensemble_instances(
     w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
     shape = next((m.shape[1:] for _, m in predictions if np.ndim(m) == 3), (0, 0))
 
-    pool = []  # (weighted score, model, score, mask)
+    pool = []  # (weighted score, model, score, mask, box)
     for model, (scores, masks) in enumerate(predictions):
         for s, mask in zip(np.asarray(scores, np.float64), masks):
+            mask = np.asarray(mask, bool)
             if s >= min_score and mask.any():
-                pool.append((w[model] * s, model, float(s), mask.astype(bool)))
+                pool.append((w[model] * s, model, float(s), mask, _bbox(mask)))
     # the most trusted instance first, so each cluster is seeded by it; ties keep model order
     pool.sort(key=lambda t: -t[0])
 
-    seeds: list[np.ndarray] = []
-    clusters: list[list[tuple[int, float, np.ndarray]]] = []  # per cluster: (model, score, mask)
-    for _, model, score, mask in pool:
-        ious = _ious(np.asarray(seeds), mask) if seeds else np.zeros(0)
+    seeds: list[tuple[np.ndarray, tuple]] = []  # per cluster: its seed's mask and box
+    clusters: list[list[tuple]] = []  # per cluster: (model, score, mask, box)
+    for _, model, score, mask, box in pool:
         best, best_iou = None, iou_threshold
-        for ci in np.argsort(-ious, kind="stable"):
-            if ious[ci] < best_iou:
-                break
-            if all(m != model for m, _, _ in clusters[ci]):  # one instance per model per cluster
-                best = int(ci)
-                break
+        for ci, (seed, seed_box) in enumerate(seeds):
+            if any(c[0] == model for c in clusters[ci]):  # one instance per model per cluster
+                continue
+            iou = _iou(seed, seed_box, mask, box)
+            if iou >= best_iou and (best is None or iou > best_iou):
+                best, best_iou = ci, iou
         if best is None:
-            seeds.append(mask)
-            clusters.append([(model, score, mask)])
+            seeds.append((mask, box))
+            clusters.append([(model, score, mask, box)])
         else:
-            clusters[best].append((model, score, mask))
+            clusters[best].append((model, score, mask, box))
 
     out_scores, out_masks, out_votes = [], [], []
     for cluster in clusters:
-        member_w = np.array([w[m] * s for m, s, _ in cluster])
-        stack = np.stack([mk for _, _, mk in cluster]).astype(np.float32)
+        member_w = np.array([w[c[0]] * c[1] for c in cluster])
+        # the vote inside the members' joint box only (a pixel outside it is in no member)
+        y0, x0 = min(c[3][0] for c in cluster), min(c[3][2] for c in cluster)
+        y1, x1 = max(c[3][1] for c in cluster), max(c[3][3] for c in cluster)
+        stack = np.stack([c[2][y0:y1, x0:x1] for c in cluster]).astype(np.float32)
         share = np.tensordot(member_w / member_w.sum(), stack, axes=1) if member_w.sum() > 0 else stack.mean(0)
-        fused = share >= vote - 1e-9
-        if not fused.any():
+        inside = share >= vote - 1e-9
+        if not inside.any():
             continue
+        fused = np.zeros(shape, bool)
+        fused[y0:y1, x0:x1] = inside
         out_scores.append(float(member_w.sum()))  # sum_members(w_m * s_m); the weights sum to 1
         out_masks.append(fused)
         out_votes.append(len(cluster))
