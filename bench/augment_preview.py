@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--slices", type=int, default=4, help="slices per source (labelled, pseudo-labelled)")
     p.add_argument("--views", type=int, default=4, help="augmented samples per slice")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time", type=int, default=0, metavar="N",
+                   help="also time the mapper: N rounds over the slices, the teachers' mild policy and the "
+                        "student's interleaved (ms per slice, median of rounds)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
 
@@ -59,6 +62,22 @@ def main(argv=None) -> int:
     path = augmentation_grid(mapper, dicts, args.out, views=args.views,
                              title="student augmentation (D2CT.AUGMENT.STUDENT): masks over the augmented image")
     print(f"{len(dicts)} slices x {args.views} augmented views -> {path}")
+    if args.time:
+        import copy
+        import time
+
+        mild = CTDatasetMapper(setup_cfg(args.config, ["D2CT.DATA_NAME", "preview", "D2CT.DATA_ROOT", args.data,
+                                                       "DATASETS.TRAIN", "('preview_train',)", *args.opts]),
+                               is_train=True)
+        rounds = {"mild (teachers)": [], "student": []}
+        for _ in range(args.time):  # interleaved, so both see the same load on a shared machine
+            for name, m in (("mild (teachers)", mild), ("student", mapper)):
+                start = time.perf_counter()
+                for d in dicts:
+                    m(copy.deepcopy(d))
+                rounds[name].append((time.perf_counter() - start) / len(dicts) * 1000)
+        for name, ms in rounds.items():
+            print(f"{name:<16} {np.median(ms):7.1f} ms per slice (median of {args.time} rounds over {len(dicts)} slices)")
     return 0
 
 
