@@ -185,3 +185,15 @@ def test_intensity_limits_and_bad_options_are_config_errors():
     with pytest.raises(ConfigError, match="NOISE_PROB"):
         build("D2CT.AUGMENT.STUDENT.NOISE_PROB", "1.5")
     assert build_student_augmentation(setup_cfg(None, [])) == []
+
+
+def test_augmentation_grid_writes_a_png(tmp_path):
+    from d2ct.data.augment import augmentation_grid
+
+    np.random.seed(5)
+    mapper = _mapper(tmp_path, [])
+    d = _slice(tmp_path, "target.png", TARGET, pseudo=True)
+    path = augmentation_grid(mapper, [d, _slice(tmp_path, "human.png", TARGET, pseudo=False)], tmp_path / "grid.png",
+                             views=2)
+    image = np.asarray(Image.open(path))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 200
