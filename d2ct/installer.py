@@ -270,7 +270,7 @@ def ensure_environment(venv_dir: Path = DEFAULT_VENV, force: bool = False, find_
             _run([*pip, "--no-build-isolation", "--no-deps", src])
         _log("installing d2ct itself (editable)")
         _run([*pip, "--no-build-isolation", "--no-deps", "-e", PROJECT_ROOT])
-        _run([python, "-c", "import detectron2, d2ct, pycocotools, torch; "
+        _run([python, "-c", "import detectron2, d2ct, pycocotools, torch, monai; "
               "from detectron2 import model_zoo; "
               "model_zoo.get_config_file('COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml'); "
               "print('detectron2', detectron2.__version__, 'torch', torch.__version__, "

@@ -328,7 +328,7 @@ def test_ignore_below_reaches_the_pseudolabel_tool_and_is_checked(tmp_path, monk
                          ("pseudolabel.ignore_below=yes", "must be a score >= 0")):
         with pytest.raises(ConfigError, match=message):
             load_pipeline_config("configs/demo/pipeline.yaml", [bad])
-    with pytest.raises(ConfigError, match="needs pseudolabel.mode partition"):
+    with pytest.raises(ConfigError, match="needs pseudolabel.mode partition or ensemble"):
         load_pipeline_config("configs/demo/pipeline.yaml", ["pseudolabel.ignore_below=0.1", "pseudolabel.mode=consensus"])
 
 

@@ -41,6 +41,30 @@ def add_d2ct_config(cfg: CN) -> CN:
     _C.D2CT.AUGMENT.BRIGHTNESS = [0.95, 1.05]  # multiplicative, [1, 1] disables
     _C.D2CT.AUGMENT.CONTRAST = [0.95, 1.05]
     _C.D2CT.AUGMENT.UNRESTRICTED_INTENSITY = False
+    # The student's strong augmentation (Noisy Student; d2ct.data.augment): off by default. On, it
+    # replaces the policy above for pseudo-labelled slices (APPLY_TO "pseudo": annotations with a
+    # teacher's score) or for every slice ("all"). Sizes and displacements are fractions of the
+    # image side; probabilities are per slice.
+    _C.D2CT.AUGMENT.STUDENT = CN()
+    _C.D2CT.AUGMENT.STUDENT.ENABLED = False
+    _C.D2CT.AUGMENT.STUDENT.APPLY_TO = "pseudo"
+    _C.D2CT.AUGMENT.STUDENT.SCALE = [0.5, 2.0]  # large scale jitter around max(INPUT.MIN_SIZE_TRAIN), then crop/pad
+    _C.D2CT.AUGMENT.STUDENT.ROTATION = 20.0  # degrees
+    _C.D2CT.AUGMENT.STUDENT.ELASTIC_PROB = 0.5
+    _C.D2CT.AUGMENT.STUDENT.ELASTIC_MAGNITUDE = 0.02  # largest displacement
+    _C.D2CT.AUGMENT.STUDENT.ELASTIC_SIGMA = 0.06  # smoothness of the displacement field
+    _C.D2CT.AUGMENT.STUDENT.GAMMA = [0.8, 1.25]  # moves a grey level by at most 8% of the window
+    _C.D2CT.AUGMENT.STUDENT.BRIGHTNESS = [0.9, 1.1]
+    _C.D2CT.AUGMENT.STUDENT.CONTRAST = [0.9, 1.1]
+    _C.D2CT.AUGMENT.STUDENT.NOISE_PROB = 0.5
+    _C.D2CT.AUGMENT.STUDENT.NOISE_STD = 6.0  # grey levels (largest standard deviation)
+    _C.D2CT.AUGMENT.STUDENT.BLUR_PROB = 0.3
+    _C.D2CT.AUGMENT.STUDENT.BLUR_SIGMA = 1.0  # pixels (largest)
+    _C.D2CT.AUGMENT.STUDENT.CUTOUT_PROB = 0.5
+    _C.D2CT.AUGMENT.STUDENT.CUTOUT_HOLES = 3
+    _C.D2CT.AUGMENT.STUDENT.CUTOUT_SIZE = 0.15
+    # structures of a human-labelled training slice pasted onto the slice (Ghiasi et al. 2021)
+    _C.D2CT.AUGMENT.STUDENT.COPY_PASTE_PROB = 0.5
 
     # Turning instances into one label map per slice (evaluation, prediction, submission).
     _C.D2CT.POSTPROCESS = CN()

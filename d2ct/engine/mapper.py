@@ -66,6 +66,25 @@ def build_ct_augmentation(cfg, is_train: bool) -> list:
     return augs
 
 
+def labelled_training_dicts(dataset_names) -> list[dict]:
+    """The human-labelled slices (no teacher score, at least one structure) among the named
+    training sets, each once: the copy-paste sources."""
+    from detectron2.data import DatasetCatalog
+
+    from d2ct.data.augment import is_pseudo_labelled
+
+    out, seen = [], set()
+    for name in dict.fromkeys(dataset_names):
+        for d in DatasetCatalog.get(name):
+            anns = [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
+            if anns and not is_pseudo_labelled(d) and d["file_name"] not in seen:
+                seen.add(d["file_name"])
+                out.append({"file_name": d["file_name"], "annotations": anns})
+    if not out:
+        logger.warning("copy-paste: no human-labelled slice in %s: it is off", list(dataset_names))
+    return out
+
+
 class CTDatasetMapper(DatasetMapper):
     """Detectron2's DatasetMapper with grayscale CT reading and CT augmentation.
 
@@ -77,12 +96,29 @@ class CTDatasetMapper(DatasetMapper):
     ``IGNORE_CLASS``, which the ROI heads leave out of their samples. The RPN sees their boxes
     like any other and learns them as objects: proposing a region is cheap, the heads decide.
     Without it they are dropped, as Detectron2's own mapper does, and the region is background.
+
+    ``student_augmentations`` (``D2CT.AUGMENT.STUDENT``, see :mod:`d2ct.data.augment`) replace the
+    teachers' policy for pseudo-labelled slices (``student_apply_to`` "pseudo") or for every
+    slice ("all"); with ``copy_paste_prob`` such a slice first gets structures of a random slice
+    of ``copy_paste_sources`` (human-labelled training dicts) pasted onto it.
     """
 
     @configurable
-    def __init__(self, is_train: bool = True, *, crowd_as_ignore: bool = True, **kwargs):
+    def __init__(self, is_train: bool = True, *, crowd_as_ignore: bool = True,
+                 student_augmentations: list | None = None, student_apply_to: str = "pseudo",
+                 copy_paste_prob: float = 0.0, copy_paste_sources: list[dict] | None = None, **kwargs):
         super().__init__(is_train, **kwargs)
         self.crowd_as_ignore = crowd_as_ignore
+        self.student_augmentations = T.AugmentationList(student_augmentations) if student_augmentations else None
+        self.student_apply_to = student_apply_to
+        self.copy_paste_prob = copy_paste_prob if copy_paste_sources else 0.0
+        self.copy_paste_sources = copy_paste_sources or []
+        if self.student_augmentations is not None:
+            logger.info("[CTDatasetMapper] student augmentation for %s slices: %s%s",
+                        "pseudo-labelled" if student_apply_to == "pseudo" else "all",
+                        self.student_augmentations,
+                        f"; copy-paste p={self.copy_paste_prob} from {len(self.copy_paste_sources)} labelled slices"
+                        if self.copy_paste_prob else "")
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -90,14 +126,38 @@ class CTDatasetMapper(DatasetMapper):
         ret["augmentations"] = build_ct_augmentation(cfg, is_train)
         ret["recompute_boxes"] = bool(is_train and cfg.MODEL.MASK_ON)
         ret["crowd_as_ignore"] = bool(cfg.D2CT.CROWD_AS_IGNORE)
+        if is_train and cfg.D2CT.AUGMENT.STUDENT.ENABLED:
+            from d2ct.data.augment import build_student_augmentation
+
+            student = cfg.D2CT.AUGMENT.STUDENT
+            ret["student_augmentations"] = build_student_augmentation(cfg)
+            ret["student_apply_to"] = student.APPLY_TO
+            if student.COPY_PASTE_PROB > 0:
+                ret["copy_paste_prob"] = float(student.COPY_PASTE_PROB)
+                ret["copy_paste_sources"] = labelled_training_dicts(cfg.DATASETS.TRAIN)
         return ret
+
+    def _is_student_slice(self, dataset_dict: dict) -> bool:
+        from d2ct.data.augment import is_pseudo_labelled
+
+        return (self.is_train and self.student_augmentations is not None
+                and (self.student_apply_to == "all" or is_pseudo_labelled(dataset_dict)))
 
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
         image = read_model_image(dataset_dict["file_name"])
         utils.check_image_size(dataset_dict, image)
+        student = self._is_student_slice(dataset_dict)
+        if student and self.copy_paste_prob and np.random.rand() < self.copy_paste_prob:
+            from d2ct.data.augment import copy_paste
+
+            source = self.copy_paste_sources[np.random.randint(len(self.copy_paste_sources))]
+            if source.get("file_name") != dataset_dict["file_name"]:
+                image, dataset_dict["annotations"] = copy_paste(
+                    image, dataset_dict.get("annotations", []), read_model_image(source["file_name"]),
+                    source["annotations"])
         aug_input = T.AugInput(image)
-        transforms = self.augmentations(aug_input)
+        transforms = (self.student_augmentations if student else self.augmentations)(aug_input)
         image = aug_input.image
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if not self.is_train:

@@ -278,14 +278,14 @@ def validate(cfg: dict, source: str) -> None:
     repeat = cfg["final"]["labelled_repeat"]
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ConfigError(f"{source}: final.labelled_repeat must be a whole number of at least 1, got {repeat!r}")
-    if cfg["pseudolabel"]["mode"] not in ("partition", "consensus"):
-        raise ConfigError(f"{source}: pseudolabel.mode must be partition or consensus")
+    if cfg["pseudolabel"]["mode"] not in ("partition", "consensus", "ensemble"):
+        raise ConfigError(f"{source}: pseudolabel.mode must be partition, consensus or ensemble")
     ignore = cfg["pseudolabel"]["ignore_below"]
     if ignore is not None:
         if isinstance(ignore, bool) or not isinstance(ignore, (int, float)) or ignore < 0:
             raise ConfigError(f"{source}: pseudolabel.ignore_below must be a score >= 0 or null, got {ignore!r}")
-        if cfg["pseudolabel"]["mode"] != "partition":
-            raise ConfigError(f"{source}: pseudolabel.ignore_below needs pseudolabel.mode partition")
+        if cfg["pseudolabel"]["mode"] == "consensus":
+            raise ConfigError(f"{source}: pseudolabel.ignore_below needs pseudolabel.mode partition or ensemble")
         teach = [cfg["final"]["teach_threshold"]] if int(cfg["pseudolabel"]["rounds"]) > 1 else []
         low = min([r["threshold"] for r in rads] + teach)
         if ignore >= low:

@@ -102,10 +102,11 @@ def _round_rows(pipeline) -> list[str]:
 def pseudo_label_quality_rows(pipeline, stats: dict, thresholds=None) -> tuple[list[str], list[dict]] | None:
     """(validation slice names, rows of d2ct.pseudolabel.quality.pseudo_label_quality): the round-1
     pseudo-labelling rules applied to the radiologists' instances on the validation slices, each
-    radiologist at every threshold of ``thresholds`` (default: its own) and their consensus with the
-    run's settings. None unless the predict stage saved every radiologist's validation instances
-    (predict.score_threshold val) and ``stats`` (pseudolabels/stats.json) weighs all of them."""
+    radiologist at every threshold of ``thresholds`` (default: its own), their consensus with the
+    run's settings and their fused ensemble (ensemble mode's rule). None unless the predict stage
+    saved every radiologist's validation instances (predict.score_threshold val) and ``stats`` (pseudolabels/stats.json) weighs all of them."""
     from d2ct.postprocess.submission import load_instances
+    from d2ct.pseudolabel.ensemble import EnsembleOptions
     from d2ct.pseudolabel.quality import pseudo_label_quality
     from d2ct.pseudolabel.run import ConsensusOptions
 
@@ -120,7 +121,8 @@ def pseudo_label_quality_rows(pipeline, stats: dict, thresholds=None) -> tuple[l
                                 [truth_of(n) for n in names], own if thresholds is None else thresholds,
                                 min_area=p["min_area"],
                                 consensus=ConsensusOptions(min_votes=p["min_votes"],
-                                                           single_model_score=p["single_model_score"]))
+                                                           single_model_score=p["single_model_score"]),
+                                ensemble=EnsembleOptions())
     return list(names), rows
 
 

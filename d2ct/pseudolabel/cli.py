@@ -20,6 +20,7 @@ from d2ct.data.challenge import ChallengeDataset
 from d2ct.engine import launch_cli
 from d2ct.errors import ConfigError
 from d2ct.pseudolabel.radiologists import Radiologist
+from d2ct.pseudolabel.ensemble import EnsembleOptions
 from d2ct.pseudolabel.run import MODES, ConsensusOptions, pseudo_label_pool
 from d2ct.utils.cli import prog
 from d2ct.utils.fileio import check_writable
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score threshold per model, or one for all (default 0.7; higher = fewer, cleaner labels)")
     p.add_argument("--mode", choices=MODES, default="partition",
                    help="partition: each model labels a share of the pool proportional to its AP (the published "
-                        "method); consensus: every model labels everything, agreed structures are kept")
+                        "method); consensus: every model labels everything, agreed structures are kept; "
+                        "ensemble: every model labels everything, instances are fused and scored by the "
+                        "models' AP-weighted agreement")
     p.add_argument("--data", metavar="DIR", help="data set folder (default: the first model's D2CT.DATA_ROOT)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N pool images (0 = all)")
     p.add_argument("--out", default="output/pseudolabels", help="output folder (default output/pseudolabels)")
@@ -49,9 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-votes", type=int, default=2, help="consensus: models that must agree")
     p.add_argument("--single-model-score", type=float, default=0.9,
                    help="consensus: keep a structure seen by fewer models when one scores at least this")
-    p.add_argument("--consensus-iou", type=float, default=0.5, help="consensus: mask IoU of the same structure")
+    p.add_argument("--consensus-iou", type=float, default=0.5,
+                   help="consensus and ensemble: mask IoU of the same structure")
+    p.add_argument("--ensemble-threshold", type=float, default=None, metavar="T",
+                   help="ensemble: fused score a structure needs (default: the models' thresholds averaged "
+                        "with their AP weights)")
+    p.add_argument("--ensemble-vote", type=float, default=0.5,
+                   help="ensemble: share of the members' weighted score a pixel needs to be in the fused mask")
     p.add_argument("--ignore-below", type=float, default=None, metavar="S",
-                   help="partition: also keep instances scored from S up to the model's threshold, as ignore "
+                   help="partition and ensemble: also keep instances scored from S up to the model's threshold, as ignore "
                         "regions (COCO iscrowd) that the final training learns neither as structure nor as "
                         "background (default: dropped, the published method)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs, or CPU processes)")
@@ -94,6 +103,8 @@ def run(args):
         radiologists, pool, args.out, mode=args.mode, seed=args.seed, min_area=args.min_area,
         batch_size=args.batch_size, flip_tta=args.flip_tta,
         consensus=ConsensusOptions(args.consensus_iou, args.min_votes, args.single_model_score),
+        ensemble=EnsembleOptions(iou_threshold=args.consensus_iou, vote=args.ensemble_vote,
+                                 threshold=args.ensemble_threshold),
         ignore_below=args.ignore_below,
     )
     if stats is not None:

@@ -1,11 +1,12 @@
-"""Pseudo-label the unlabelled pool with the radiologists (partition or consensus mode).
+"""Pseudo-label the unlabelled pool with the radiologists (partition, consensus or ensemble mode).
 
 Outputs, in ``out_dir``:
 - ``pseudo_labels.json``: COCO instances (single class, RLE, ``score`` per annotation) of the
   images that kept at least one instance; register it with ``register_coco_json`` or name it in
   ``D2CT.PSEUDO_LABELS`` for the final training. With ``ignore_below`` the uncertain instances
   (scored between it and the model's threshold) are written too, as ignore regions (``iscrowd``
-  1): the final training neither learns them as structures nor as background.
+  1): the final training neither learns them as structures nor as background (partition and
+  ensemble modes: both give each structure one score to call uncertain).
 - ``stats.json`` and ``report.md``: images labelled per model, instances per image, exclusions.
 - ``score_histogram.png`` and ``overlays.png``: what a person should look at before trusting them.
 - ``cache/<model>.json``: each model's raw predictions, written as they come; a killed run
@@ -31,11 +32,12 @@ from d2ct.utils.fileio import atomic_write_json, atomic_write_text, file_sha256,
 from d2ct.utils.progress import progress_bar as tqdm  # line mode when stderr is not a terminal
 
 from .consensus import consensus_instances
+from .ensemble import EnsembleOptions, ensemble_instances
 from .radiologists import Radiologist, normalised_weights, partition_pool
 
 logger = logging.getLogger(__name__)
 
-MODES = ("partition", "consensus")
+MODES = ("partition", "consensus", "ensemble")
 
 
 @dataclass
@@ -164,6 +166,7 @@ def pseudo_label_pool(
     batch_size: int = 4,
     flip_tta: bool = False,
     consensus: ConsensusOptions | None = None,
+    ensemble: EnsembleOptions | None = None,
     ignore_below: float | None = None,
     overlays: int = 12,
 ) -> dict | None:
@@ -172,21 +175,30 @@ def pseudo_label_pool(
     Partition (the published method): the pool is split at random (seeded) into groups whose
     sizes follow the radiologists' normalised validation APs; each labels its group with its own
     score threshold. Consensus: every model labels every image and only agreed structures stay.
-    ``ignore_below`` (partition mode): see :func:`resolve_overlaps`; images are kept and counted
-    by their structures, never by ignore regions alone.
+    Ensemble: every model labels every image and their instances are fused into one set, each
+    structure scored by the models' AP-weighted agreement (:mod:`d2ct.pseudolabel.ensemble`),
+    kept from ``ensemble.threshold`` up. ``ignore_below`` (partition and ensemble modes): see
+    :func:`resolve_overlaps`; images are kept and counted by their structures, never by ignore
+    regions alone.
     """
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {MODES}, got {mode!r}")
     if not radiologists:
         raise ConfigError("no radiologists given")
+    weights = normalised_weights([r.ap for r in radiologists])
+    ensemble = ensemble or EnsembleOptions()
+    ensemble.check()
+    ensemble_threshold = ensemble.resolved_threshold([r.threshold for r in radiologists], weights)
     if ignore_below is not None:
-        if mode != "partition":
-            raise ConfigError("--ignore-below works in partition mode only (consensus fuses several models' "
-                              "instances and has no single score to call uncertain)")
-        lowest = min(r.threshold for r in radiologists)
+        if mode == "consensus":
+            raise ConfigError("--ignore-below needs one score per structure: partition mode only, or ensemble "
+                              "mode (consensus keeps or drops a structure by its votes and has no single score "
+                              "to call uncertain)")
+        lowest = ensemble_threshold if mode == "ensemble" else min(r.threshold for r in radiologists)
         if not 0.0 <= ignore_below < lowest:
-            raise ConfigError(f"--ignore-below {ignore_below} must be at least 0 and below every model's "
-                              f"threshold (lowest {lowest})")
+            what = "the ensemble threshold" if mode == "ensemble" else "every model's threshold (lowest"
+            raise ConfigError(f"--ignore-below {ignore_below} must be at least 0 and below {what} "
+                              f"{lowest:g}{')' if mode != 'ensemble' else ''}")
     model_names = [r.name for r in radiologists]
     if len(set(model_names)) != len(model_names):
         raise ConfigError(f"two radiologists share a name ({model_names}): give distinct output folders or "
@@ -196,7 +208,6 @@ def pseudo_label_pool(
         raise ConfigError("the pool lists an image twice")
     out_dir = Path(out_dir)
     cache_dir = out_dir / "cache"
-    weights = normalised_weights([r.ap for r in radiologists])
     by_name = {n: (p, i) for n, p, i in pool}
     annotations: dict[str, list[dict]] = {}
     labelled_by: dict[str, str] = {}
@@ -221,7 +232,20 @@ def pseudo_label_pool(
     else:
         all_preds = [predict_pool(m, [(n, by_name[n][0]) for n in names], cache_dir,
                                   batch_size=batch_size, flip_tta=flip_tta) for m in radiologists]
-        if comm.is_main_process():
+        if comm.is_main_process() and mode == "ensemble":
+            agreed = np.zeros(len(radiologists) + 1, np.int64)  # kept structures by how many models saw them
+            for i, name in enumerate(names):
+                per_image = [(p[i].scores, p[i].masks()) for p in all_preds]
+                scores, masks, votes = ensemble_instances(
+                    per_image, weights, iou_threshold=ensemble.iou_threshold, vote=ensemble.vote,
+                    min_score=ensemble.min_score)
+                annotations[name] = resolve_overlaps(scores, masks, threshold=ensemble_threshold, min_area=min_area,
+                                                     ignore_below=ignore_below)
+                labelled_by[name] = "ensemble"
+                np.add.at(agreed, votes[scores >= ensemble_threshold], 1)
+            for m in radiologists:
+                per_model[m.name] = {"assigned": len(names), "labelled": None}
+        elif comm.is_main_process():
             for i, name in enumerate(names):
                 per_image = [(p[i].scores, p[i].masks()) for p in all_preds]
                 scores, masks = consensus_instances(
@@ -268,6 +292,11 @@ def pseudo_label_pool(
             for m, w in zip(radiologists, weights)
         ],
         "consensus": consensus.__dict__ if mode == "consensus" else None,
+        "ensemble": {**ensemble.__dict__, "threshold": ensemble_threshold,
+                     # fused structures above the threshold, by the number of models that saw them
+                     # (before overlaps are resolved and small pieces dropped)
+                     "structures_by_votes": {str(k): int(agreed[k]) for k in range(1, len(agreed))}}
+        if mode == "ensemble" else None,
     }
     atomic_write_json(out_dir / "stats.json", stats)
     _write_pictures(out_dir, dicts, all_scores, overlays, seed)
@@ -312,6 +341,10 @@ def format_report(stats: dict) -> str:
         f"- instances: {stats['instances']} ({stats['instances_per_image']:.1f} per kept image)",
         *([f"- ignore regions (scored from {stats['ignore_below']} up to the model's threshold): "
            f"{stats['ignore_regions']}"] if stats.get("ignore_below") is not None else []),
+        *([f"- ensemble: fused score (AP-weighted agreement) >= {stats['ensemble']['threshold']:.3g}; "
+           "structures by the number of models that saw them: "
+           + ", ".join(f"{k}: {v}" for k, v in stats["ensemble"]["structures_by_votes"].items())]
+          if stats.get("ensemble") else []),
         "",
         "| radiologist | val mask AP | weight | threshold | images assigned | images kept |",
         "|---|---|---|---|---|---|",
