@@ -51,6 +51,7 @@ setup(
             "d2ct-import-volume = d2ct.data.cli.import_volume:main",
             "d2ct-make-holdout = d2ct.data.cli.make_holdout:main",
             "d2ct-make-phantom = d2ct.data.cli.make_phantom:main",
+            "d2ct-train-unet = d2ct.peer.cli:main",
         ],
     },
 )

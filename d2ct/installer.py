@@ -193,6 +193,23 @@ def prepare_detectron2_source(sdist: Path, workdir: Path) -> Path:
     return src
 
 
+# A fresh environment takes about 7 GB on x86-64 (the CUDA build of torch is 5.5 GB); pip fails
+# halfway with "No space left on device" otherwise, leaving a broken venv behind.
+REQUIRED_FREE_GB = 8.0
+
+
+def check_free_space(venv_dir: Path, required_gb: float = REQUIRED_FREE_GB) -> None:
+    """Refuse to start an install that cannot finish; name the folder and the numbers."""
+    probe = venv_dir if venv_dir.exists() else venv_dir.parent
+    free_gb = shutil.disk_usage(probe).free / 1e9
+    have_gb = _dir_size_gb(venv_dir) if venv_dir.exists() else 0.0
+    if free_gb + have_gb < required_gb:
+        raise InstallError(
+            f"not enough disk space for the environment in {venv_dir}: {free_gb:.1f} GB free, about "
+            f"{required_gb:.0f} GB needed (PyTorch's CUDA build alone is 5.5 GB). Free some space, or point "
+            f"VENV= (make) / --venv at a disk with room.")
+
+
 def venv_python(venv_dir: Path) -> Path:
     return venv_dir / "bin" / "python"
 
@@ -242,6 +259,7 @@ def ensure_environment(venv_dir: Path = DEFAULT_VENV, force: bool = False, find_
         if not force and stamp.exists() and stamp.read_text().split()[0] == fingerprint:
             return venv_python(venv_dir)
         start = time.time()
+        check_free_space(venv_dir)
         python = venv_python(venv_dir)
         if not python.exists():
             _log(f"creating virtual environment {venv_dir}")

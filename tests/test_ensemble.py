@@ -129,8 +129,10 @@ def test_ensemble_mode_writes_fused_pseudo_labels_with_ignore_regions(tmp_path, 
         return [InstancePrediction(n, H, W, s, (m * 255).astype(np.uint8)) for n, _ in named_paths]
 
     monkeypatch.setattr(run, "predict_pool", fake_predict)
-    rads = [Radiologist("m1", "c.yaml", "w.pth", ap=0.5, threshold=0.7),
-            Radiologist("m2", "c.yaml", "w.pth", ap=0.5, threshold=0.5)]
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")  # stats.json records each model's weights by SHA-256
+    rads = [Radiologist("m1", "c.yaml", str(weights), ap=0.5, threshold=0.7),
+            Radiologist("m2", "c.yaml", str(weights), ap=0.5, threshold=0.5)]
     out = tmp_path / "out"
     stats = run.pseudo_label_pool(rads, pool, out, mode="ensemble", min_area=1, ignore_below=0.2, overlays=0)
     # fused: agreed 0.85 (kept), lone 0.45 and weak 0.15; threshold = mean(0.7, 0.5) = 0.6

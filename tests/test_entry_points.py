@@ -45,7 +45,7 @@ def shim_module(path: Path) -> str:
 def test_every_tool_is_a_shim_of_a_console_script():
     scripts = console_scripts()
     tools = {p.stem: shim_module(p) for p in sorted(TOOLS_DIR.glob("*.py"))}
-    assert len(tools) == 10 and sorted(tools.values()) == sorted(scripts.values())
+    assert len(tools) == 11 and sorted(tools.values()) == sorted(scripts.values())
     assert {"d2ct-train", "d2ct-pseudolabel", "d2ct-predict", "d2ct-evaluate", "d2ct-pipeline"} <= set(scripts)
     for path in TOOLS_DIR.glob("*.py"):
         assert os.access(path, os.X_OK) and path.read_text().startswith("#!/usr/bin/env python\n")

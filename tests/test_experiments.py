@@ -359,3 +359,21 @@ def test_driver_end_to_end_two_variants_share_the_radiologists(tmp_path):
     # run again: the pipeline skips every finished stage of both runs
     log = drive("main", "labelled")
     assert log.count("stage report       done (skipped)") == 2
+
+
+def _pipeline_yaml_files():
+    """Every committed pipeline config: the product's (configs/) and the lab's (experiments/)."""
+    import yaml
+
+    files = sorted(ROOT.glob("configs/**/*.yaml")) + sorted(ROOT.glob("experiments/**/*.yaml"))
+    return [f for f in files if isinstance(yaml.safe_load(f.read_text()), dict)
+            and "radiologists" in yaml.safe_load(f.read_text())]
+
+
+@pytest.mark.parametrize("path", _pipeline_yaml_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_committed_pipeline_config_loads(path):
+    """A renamed key (final.threshold -> final.teach_threshold) must not leave a prepared run broken."""
+    cfg = load_pipeline_config(str(path))
+    for entry in cfg["radiologists"] + [cfg["final"]]:
+        if entry.get("config"):
+            assert (ROOT / entry["config"]).is_file(), f"{path}: {entry['config']} does not exist"

@@ -302,3 +302,19 @@ def test_bundle_builds_and_installs_offline(tmp_path_factory):
     assert tests.returncode == 0, tests.stdout[-3000:]
     print(f"\nbundle {manifest['total_bytes'] / 1e9:.2f} GB ({manifest['counts'].get('wheel')} wheels) built in "
           f"{build_s:.0f} s; offline install {install_s:.0f} s ({'in a network namespace without network' if offline else 'index unreachable, network up'})")
+
+
+def test_installer_refuses_to_start_without_the_disk_space_it_needs(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from d2ct import installer
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10e9, 9.7e9, 0.3e9))
+    with pytest.raises(installer.InstallError, match=r"0\.3 GB free, about 8 GB needed") as err:
+        installer.ensure_environment(tmp_path / "venv")
+    assert str(tmp_path / "venv") in str(err.value)
+    assert not (tmp_path / "venv").exists()  # refused before anything was created
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100e9, 10e9, 90e9))
+    installer.check_free_space(tmp_path / "venv")  # enough room: no error

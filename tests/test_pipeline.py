@@ -383,3 +383,19 @@ def test_a_changed_threshold_remakes_the_pseudo_labels_and_the_student_only(pipe
     stats = json.loads((out / "pseudolabels_r1" / "stats.json").read_text())
     assert [r["threshold"] for r in stats["radiologists"]] == [0.3, 0.0, 0.0]
     assert "| 1 | r50 (0.3), r101 (0), x101 (0) |" in (out / "report" / "report.md").read_text()
+
+
+def test_report_says_why_when_the_final_model_trails_its_teachers():
+    from types import SimpleNamespace
+
+    from d2ct.pipeline.report import _standing
+
+    pipe = SimpleNamespace(final_model_name=lambda: "student_r1",
+                           cfg={"radiologists": [{"name": "r50"}, {"name": "r101"}]})
+    rows = [{"model": "baseline", "ARI": 0.49}, {"model": "r50", "ARI": 0.45}, {"model": "r101", "ARI": 0.38},
+            {"model": "student_r1", "ARI": 0.39}]
+    line = _standing(pipe, rows)[0]
+    assert "student_r1, ARI 0.390) trails its best radiologist (r50, 0.450)" in line
+    assert "classical baseline (0.490)" in line
+    rows[-1]["ARI"] = 0.5
+    assert _standing(pipe, rows) == []
