@@ -312,7 +312,7 @@ def test_installer_refuses_to_start_without_the_disk_space_it_needs(tmp_path, mo
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10e9, 9.7e9, 0.3e9))
-    with pytest.raises(installer.InstallError, match=r"0\.3 GB free, about 8 GB needed") as err:
+    with pytest.raises(installer.InstallError, match=r"0\.3 GB free, about 7 GB needed") as err:
         installer.ensure_environment(tmp_path / "venv")
     assert str(tmp_path / "venv") in str(err.value)
     assert not (tmp_path / "venv").exists()  # refused before anything was created
