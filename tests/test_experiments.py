@@ -377,3 +377,33 @@ def test_every_committed_pipeline_config_loads(path):
     for entry in cfg["radiologists"] + [cfg["final"]]:
         if entry.get("config"):
             assert (ROOT / entry["config"]).is_file(), f"{path}: {entry['config']} does not exist"
+
+
+def test_phantom_variants_are_valid_demo_pipeline_configs(tmp_path):
+    """experiments/phantom/variants.yaml on configs/demo/pipeline.yaml: every run valid, each pair's
+    control has the same start, student config and augmentation, labelled slices only."""
+    spec = run.load_variants(ROOT / "experiments" / "phantom" / "variants.yaml")
+    exp = run.Experiment(runs=tmp_path / "runs", config="configs/demo/pipeline.yaml", spec=spec,
+                         predict_threshold="val", extra=["radiologists_dir=output/demo/radiologists"])
+    configs = {v: exp.pipeline_config(v) for v in exp.variants}
+    assert spec["reference"] in configs and spec["title"].startswith("Students and their equal-compute controls")
+    for variant, v in exp.variants.items():
+        cfg = configs[variant]
+        assert cfg["radiologists_dir"] == "output/demo/radiologists" and cfg["predict"]["score_threshold"] == "val"
+        if v["control"]:
+            control = configs[v["control"]]
+            assert control["final"]["pseudo_labels"] is False and cfg["final"]["pseudo_labels"] is True
+            assert control["final"]["init"] == cfg["final"]["init"] and control["final"]["config"] == cfg["final"]["config"]
+            seed = [o for o in cfg["final"]["opts"] if o == "SEED" or isinstance(o, int)]
+            assert seed == [o for o in control["final"]["opts"] if o == "SEED" or isinstance(o, int)], variant
+            assert ("D2CT.AUGMENT.STUDENT.ENABLED" in cfg["final"]["opts"]) == (
+                "D2CT.AUGMENT.STUDENT.ENABLED" in control["final"]["opts"]), variant
+
+
+def test_prepare_holdout_leaves_the_phantom_to_the_pipeline(tmp_path, monkeypatch):
+    spec = run.load_variants(ROOT / "experiments" / "phantom" / "variants.yaml")
+    exp = run.Experiment(runs=tmp_path, config="configs/demo/pipeline.yaml", spec=spec,
+                         extra=[f"data.root={tmp_path / 'phantom'}"])
+    monkeypatch.setattr(run.subprocess, "run", lambda *a, **k: pytest.fail(f"make_holdout called: {a}"))
+    run.prepare_holdout(exp, tmp_path / "no-openkbp-here")
+    assert not (tmp_path / "phantom").exists()

@@ -219,3 +219,36 @@ def test_split_file_is_what_training_reads(tmp_path):
     finally:
         for name in ("splitcheck", "splitcheck2", "splitcheck3"):
             unregister(name)
+
+
+def test_a_model_trained_before_a_new_config_key_existed_is_kept_at_its_default(tmp_path):
+    """A newer d2ct adds a training key (D2CT.PSEUDO_NEGATIVES): models recorded without it are the same
+    models while it holds its default, and stale (removed, or an error when not owned) otherwise."""
+    from d2ct.pipeline.provenance import SETTINGS_FILE, StaleOutputError, claim_folder, fingerprint
+    from d2ct.pipeline.runner import config_key_at_default
+
+    old = {"config": {"D2CT": {"MIN_AREA": 0}, "SOLVER": {"MAX_ITER": 10}}, "split": "abc"}
+    for owned in (True, False):
+        folder = tmp_path / f"model_{owned}"
+        folder.mkdir()
+        (folder / "model_final.pth").write_bytes(b"w")
+        (folder / SETTINGS_FILE).write_text(json.dumps({"fingerprint": fingerprint(old), "settings": old}))
+        new = json.loads(json.dumps(old))
+        new["config"]["D2CT"]["PSEUDO_NEGATIVES"] = "background"
+        assert claim_folder(folder, new, owned=owned, at_default=config_key_at_default) is True
+        assert (folder / "model_final.pth").exists()
+        new["config"]["D2CT"]["PSEUDO_NEGATIVES"] = "ignore"
+        if owned:
+            assert claim_folder(folder, new, owned=True, at_default=config_key_at_default) is False
+            assert not (folder / "model_final.pth").exists()
+        else:
+            with pytest.raises(StaleOutputError, match="PSEUDO_NEGATIVES"):
+                claim_folder(folder, new, owned=False, at_default=config_key_at_default)
+    changed = json.loads(json.dumps(old))
+    changed["config"]["SOLVER"]["MAX_ITER"] = 20  # a key the record has, changed: never "at default"
+    folder = tmp_path / "model_changed"
+    folder.mkdir()
+    (folder / "model_final.pth").write_bytes(b"w")
+    (folder / SETTINGS_FILE).write_text(json.dumps({"fingerprint": fingerprint(old), "settings": old}))
+    with pytest.raises(StaleOutputError, match="SOLVER.MAX_ITER"):
+        claim_folder(folder, changed, owned=False, at_default=config_key_at_default)

@@ -30,6 +30,10 @@ def add_d2ct_config(cfg: CN) -> CN:
     # pseudo-labels so) are ignore regions: the ROI heads sample no proposal matched to them, as
     # neither structure nor background. False drops them, as Detectron2's DatasetMapper does.
     _C.D2CT.CROWD_AS_IGNORE = True
+    # What a pseudo-labelled slice teaches where its teachers drew nothing: "background" (Detectron2's
+    # sampling: every structure the teachers missed is learnt as background) or "ignore" (anchors and
+    # proposals there are sampled neither as object nor as background; d2ct.modeling.pseudo_negatives).
+    _C.D2CT.PSEUDO_NEGATIVES = "background"
 
     # Augmentation suited to CT slices. Intensity jitter is limited to +-10% (it would change what
     # a grey level means in HU) unless UNRESTRICTED_INTENSITY is set.

@@ -18,6 +18,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from d2ct.data.images import read_slice, slice_to_uint8  # noqa: F401  (slice_to_uint8: re-exported)
+from d2ct.data.augment import is_pseudo_labelled
 from d2ct.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -100,15 +101,19 @@ class CTDatasetMapper(DatasetMapper):
     ``student_augmentations`` (``D2CT.AUGMENT.STUDENT``, see :mod:`d2ct.data.augment`) replace the
     teachers' policy for pseudo-labelled slices (``student_apply_to`` "pseudo") or for every
     slice ("all"); with ``copy_paste_prob`` such a slice first gets structures of a random slice
-    of ``copy_paste_sources`` (human-labelled training dicts) pasted onto it.
+    of ``copy_paste_sources`` (human-labelled training dicts) pasted onto it. With ``mark_pseudo``
+    (``D2CT.PSEUDO_NEGATIVES ignore``) a pseudo-labelled slice's instances get a ``gt_pseudo`` field,
+    which :mod:`d2ct.modeling.pseudo_negatives` reads.
     """
 
     @configurable
     def __init__(self, is_train: bool = True, *, crowd_as_ignore: bool = True,
                  student_augmentations: list | None = None, student_apply_to: str = "pseudo",
-                 copy_paste_prob: float = 0.0, copy_paste_sources: list[dict] | None = None, **kwargs):
+                 copy_paste_prob: float = 0.0, copy_paste_sources: list[dict] | None = None,
+                 mark_pseudo: bool = False, **kwargs):
         super().__init__(is_train, **kwargs)
         self.crowd_as_ignore = crowd_as_ignore
+        self.mark_pseudo = mark_pseudo
         self.student_augmentations = T.AugmentationList(student_augmentations) if student_augmentations else None
         self.student_apply_to = student_apply_to
         self.copy_paste_prob = copy_paste_prob if copy_paste_sources else 0.0
@@ -126,6 +131,7 @@ class CTDatasetMapper(DatasetMapper):
         ret["augmentations"] = build_ct_augmentation(cfg, is_train)
         ret["recompute_boxes"] = bool(is_train and cfg.MODEL.MASK_ON)
         ret["crowd_as_ignore"] = bool(cfg.D2CT.CROWD_AS_IGNORE)
+        ret["mark_pseudo"] = bool(is_train and cfg.D2CT.PSEUDO_NEGATIVES == "ignore")
         if is_train and cfg.D2CT.AUGMENT.STUDENT.ENABLED:
             from d2ct.data.augment import build_student_augmentation
 
@@ -148,6 +154,8 @@ class CTDatasetMapper(DatasetMapper):
         image = read_model_image(dataset_dict["file_name"])
         utils.check_image_size(dataset_dict, image)
         student = self._is_student_slice(dataset_dict)
+        # before copy-paste adds human-labelled structures to the slice
+        pseudo = self.is_train and self.mark_pseudo and is_pseudo_labelled(dataset_dict)
         if student and self.copy_paste_prob and np.random.rand() < self.copy_paste_prob:
             from d2ct.data.augment import copy_paste
 
@@ -169,4 +177,7 @@ class CTDatasetMapper(DatasetMapper):
                     if ann.get("iscrowd", 0):
                         ann["iscrowd"], ann["category_id"] = 0, IGNORE_CLASS
             self._transform_annotations(dataset_dict, transforms, image.shape[:2])
+            if pseudo:  # read by d2ct.modeling.pseudo_negatives (D2CT.PSEUDO_NEGATIVES ignore)
+                instances = dataset_dict["instances"]
+                instances.gt_pseudo = torch.ones(len(instances), dtype=torch.bool)
         return dataset_dict

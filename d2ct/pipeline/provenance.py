@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from d2ct.errors import D2CTError
 from d2ct.utils.fileio import atomic_write_json, read_json
@@ -81,9 +81,25 @@ def is_current(folder: Path, settings: Mapping) -> bool:
     return record is not None and record["fingerprint"] == fingerprint(settings)
 
 
-def claim_folder(folder: Path, settings: Mapping, *, owned: bool = True, what: str | None = None) -> bool:
+def only_new_keys_at_default(old: Mapping, new: Mapping, at_default: Callable[[str, Any], bool]) -> list[str]:
+    """The dotted keys that tell ``new`` from ``old`` when every one of them is absent from ``old``
+    and holds its default value in ``new`` (a setting added to d2ct after ``old`` was recorded);
+    an empty list otherwise."""
+    a, b = _flatten(json.loads(json.dumps(old, default=str))), _flatten(json.loads(json.dumps(new, default=str)))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    if keys and all(k not in a and at_default(k, b[k]) for k in keys):
+        return keys
+    return []
+
+
+def claim_folder(folder: Path, settings: Mapping, *, owned: bool = True, what: str | None = None,
+                 at_default: Callable[[str, Any], bool] | None = None) -> bool:
     """Make ``folder`` the outputs of ``settings`` (see the module docs). Returns True when the folder
-    already held outputs of these settings (to be reused or resumed), False when it starts empty."""
+    already held outputs of these settings (to be reused or resumed), False when it starts empty.
+
+    ``at_default(key, value)``: whether a dotted settings key holds d2ct's default value; a folder
+    recorded before such keys existed, and differing by them alone, holds the same outputs (a newer
+    d2ct's settings at their defaults behave as the older one did), so it is kept."""
     folder = Path(folder)
     what = what or str(folder)
     fp = fingerprint(settings)
@@ -91,6 +107,13 @@ def claim_folder(folder: Path, settings: Mapping, *, owned: bool = True, what: s
     has_outputs = folder.is_dir() and any(p.name != SETTINGS_FILE for p in folder.iterdir())
     if record is not None and record["fingerprint"] == fp:
         return has_outputs
+    if record is not None and has_outputs and at_default is not None and isinstance(record.get("settings"), Mapping):
+        added = only_new_keys_at_default(record["settings"], settings, at_default)
+        if added:
+            logger.info("%s: recorded before %s existed; at the default it is the same: kept", folder, ", ".join(added))
+            if owned:
+                atomic_write_json(folder / SETTINGS_FILE, {"fingerprint": fp, "settings": dict(settings)})
+            return True
     if has_outputs:
         change = changed_keys(record.get("settings") if record else None, settings)
         if not owned:

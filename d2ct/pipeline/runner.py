@@ -99,6 +99,23 @@ def data_folder_digest(root: Path) -> str:
     return h.hexdigest()
 
 
+def config_key_at_default(key: str, value) -> bool:
+    """Whether ``config.<A>.<B>`` of :meth:`Pipeline.training_settings` holds d2ct's default value
+    (a training config key added to d2ct after a model was trained)."""
+    import yaml
+
+    from d2ct.config.setup import get_d2ct_cfg
+
+    if not key.startswith("config."):
+        return False
+    node = yaml.safe_load(get_d2ct_cfg().dump())
+    for part in key.split(".")[1:]:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node == value
+
+
 class Pipeline:
     def __init__(self, cfg: dict, config_path: str | None = None, python: str = sys.executable):
         self.cfg = cfg
@@ -341,7 +358,8 @@ class Pipeline:
         then it is an error)."""
         opts = self._train_opts(output_dir, train_sets, pseudo, model_opts)
         owned = output_dir.resolve().is_relative_to(self.out.resolve())
-        if claim_folder(output_dir, self.training_settings(config, opts), owned=owned, what="a trained model"):
+        if claim_folder(output_dir, self.training_settings(config, opts), owned=owned, what="a trained model",
+                        at_default=config_key_at_default):
             if (output_dir / "model_final.pth").exists():
                 logger.info("%s: already trained with these settings", output_dir)
                 return output_dir

@@ -70,7 +70,7 @@ def load_variants(path: Path = VARIANTS_FILE) -> dict:
     for what, other in named:
         if other not in variants:
             raise SystemExit(f"{where}: {what} names {other!r}, which is not a variant")
-    return {"reference": data.get("reference"), "variants": variants}
+    return {"reference": data.get("reference"), "variants": variants, "title": data.get("title")}
 
 
 def radiologist_subset(config: str, wanted: list[str] | None) -> list[dict] | None:
@@ -169,7 +169,10 @@ def prepare_holdout(exp: Experiment, source: Path) -> None:
     (make_holdout writes its folder whole, so an existing one is finished)."""
     from d2ct.pipeline.config import load_pipeline_config
 
-    root = Path(load_pipeline_config(str(ROOT / exp.config), exp.extra)["data"]["root"])
+    data = load_pipeline_config(str(ROOT / exp.config), exp.extra)["data"]
+    if data["name"] == "phantom":
+        return  # the pipeline's data stage generates the phantom itself
+    root = Path(data["root"])
     root = root if root.is_absolute() else ROOT / root
     if root.exists():
         return

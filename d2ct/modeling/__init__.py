@@ -1,0 +1,2 @@
+"""Detectron2 parts d2ct adds, registered in Detectron2's registries on import (as PointRend does)."""
+from .pseudo_negatives import PseudoAwareROIHeads, PseudoAwareRPN, apply_pseudo_negatives  # noqa: F401
