@@ -19,6 +19,8 @@ TINY_PIPELINE = [
     "data.phantom={n_train: 14, n_labelled: 6, n_test: 3, size: 96, seed: 1}",
     "radiologists.0.threshold=0.0", "radiologists.1.threshold=0.0", "radiologists.2.threshold=0.0",
     "pseudolabel.min_area=1", "baseline.workers=1",
+    # a fixed threshold (the demo chooses one on validation; the tests switch to that on purpose)
+    "predict.score_threshold=0.5",
     "opts=[" + ", ".join(f"'{o}'" for o in TINY_OPTS + ["TEST.EVAL_PERIOD", "2"]) + "]",
 ]
 

@@ -37,7 +37,8 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, torchvi
     BASE_PY=""
     for c in "${D2CT_REHEARSAL_PYTHON:-}" python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 \
              /root/.pyenv/versions/3.12*/bin/python3.12 python3.11 python3; do
-        if [ -n "$c" ] && command -v "$c" >/dev/null 2>&1; then BASE_PY="$(command -v "$c")"; break; fi
+        # run it, not just find it: a pyenv shim is found for a version pyenv has not enabled, then fails
+        if [ -n "$c" ] && "$c" -c 'import sys' >/dev/null 2>&1; then BASE_PY="$(command -v "$c")"; break; fi
     done
     [ -n "$BASE_PY" ] || { echo "rehearse: no python3.12 / python3.11 found" >&2; exit 1; }
     say "building the stand-in venv $VENV from $BASE_PY ($("$BASE_PY" -V 2>&1)); torch's CUDA build is a few GB"
