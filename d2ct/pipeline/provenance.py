@@ -55,12 +55,17 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): obj}
 
 
+def _differing(old: Mapping, new: Mapping) -> tuple[dict, dict, list[str]]:
+    """Both settings flattened to dotted keys, and the keys whose values differ (absent counts)."""
+    a, b = _flatten(json.loads(json.dumps(old, default=str))), _flatten(json.loads(json.dumps(new, default=str)))
+    return a, b, sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
 def changed_keys(old: Mapping | None, new: Mapping, limit: int = 6) -> str:
     """'a.b, c (and 3 more)': the dotted keys whose values differ."""
     if old is None:
         return "no record of its settings"
-    a, b = _flatten(json.loads(json.dumps(old, default=str))), _flatten(json.loads(json.dumps(new, default=str)))
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    _, _, keys = _differing(old, new)
     if not keys:
         return "settings changed"
     text = ", ".join(keys[:limit])
@@ -85,8 +90,7 @@ def only_new_keys_at_default(old: Mapping, new: Mapping, at_default: Callable[[s
     """The dotted keys that tell ``new`` from ``old`` when every one of them is absent from ``old``
     and holds its default value in ``new`` (a setting added to d2ct after ``old`` was recorded);
     an empty list otherwise."""
-    a, b = _flatten(json.loads(json.dumps(old, default=str))), _flatten(json.loads(json.dumps(new, default=str)))
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    a, b, keys = _differing(old, new)
     if keys and all(k not in a and at_default(k, b[k]) for k in keys):
         return keys
     return []
