@@ -72,8 +72,6 @@ def labelled_training_dicts(dataset_names) -> list[dict]:
     training sets, each once: the copy-paste sources."""
     from detectron2.data import DatasetCatalog
 
-    from d2ct.data.augment import is_pseudo_labelled
-
     out, seen = [], set()
     for name in dict.fromkeys(dataset_names):
         for d in DatasetCatalog.get(name):
@@ -144,8 +142,6 @@ class CTDatasetMapper(DatasetMapper):
         return ret
 
     def _is_student_slice(self, dataset_dict: dict) -> bool:
-        from d2ct.data.augment import is_pseudo_labelled
-
         return (self.is_train and self.student_augmentations is not None
                 and (self.student_apply_to == "all" or is_pseudo_labelled(dataset_dict)))
 

@@ -70,7 +70,8 @@ def load_variants(path: Path = VARIANTS_FILE) -> dict:
     for what, other in named:
         if other not in variants:
             raise SystemExit(f"{where}: {what} names {other!r}, which is not a variant")
-    return {"reference": data.get("reference"), "variants": variants, "title": data.get("title")}
+    return {"reference": data.get("reference"), "variants": variants, "title": data.get("title"),
+            "truth_note": data.get("truth_note", "")}
 
 
 def radiologist_subset(config: str, wanted: list[str] | None) -> list[dict] | None:

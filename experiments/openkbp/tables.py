@@ -329,8 +329,7 @@ def table(exp) -> str:
         details += val
     summary = read_json(exp.run_dir(runs.done[0]) / "data" / "summary.json") if runs.done else {}
     teachers = exp.teachers or runs.cfg(runs.done[0])["radiologists"] if runs.done else exp.teachers or []
-    title = exp.spec.get("title") or "The method on real CT: OpenKBP few-shot (head and neck), CPU"
-    head = [f"# {title}", "",
+    head = [f"# {exp.spec.get('title') or 'Experiment results'}", "",
             "Written by `experiments/openkbp/run.py` (commands in experiments/openkbp/README.md).",
             f"Data: `{summary.get('root', '?')}`: splits " + ", ".join(
                 f"{k} {v['images']}" for k, v in summary.get("splits", {}).items()) + "; scores on the held-out "
@@ -339,8 +338,8 @@ def table(exp) -> str:
             + ".", ""]
     truth_fg = foreground_pixels(runs.data_root() / "test-labels.csv.gz") if runs.done else None
     if truth_fg is not None:
-        partial = " (partial contours: at most 7 organs)" if "openkbp" in str(runs.data_root()).lower() else ""
-        lines += ["", f"The truth has {truth_fg} foreground pixels per test slice{partial}."]
+        note = exp.spec.get("truth_note")
+        lines += ["", f"The truth has {truth_fg} foreground pixels per test slice{f' ({note})' if note else ''}."]
     return "\n".join(head + lines + [""] + paired_sections(runs) + chosen_thresholds(runs) + pseudo_label_counts(runs)
                      + pseudo_label_quality_section(runs) + details)
 
