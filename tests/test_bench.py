@@ -86,3 +86,49 @@ def test_no_write_and_list(bench_dir, tmp_path, capsys):
     assert not out.exists()
     assert run_all.main(["--bench-dir", str(bench_dir), "--list"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-2:] == ["bench_alpha", "bench_broken"]
+
+
+def test_bf16_accuracy_reads_runs_and_compares_with_the_seed_spread(tmp_path):
+    """bench/accuracy_bf16.py: last evaluation and speed from metrics.json; bf16 - fp32 vs seed spread."""
+    import json
+
+    from bench import accuracy_bf16 as acc
+
+    def write_run(name, ari, ap, final_iter=599):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"iteration": 19, "time": 1.0, "total_loss": 2.0}, {"iteration": 39, "time": 3.0},
+                 {"iteration": 299, "segm/AP": 1.0, "ct/ARI": 0.1},
+                 {"iteration": final_iter, "segm/AP": ap, "segm/AP50": 2 * ap, "ct/ARI": ari, "ct/ARI_fg": ari,
+                  "ct/Dice": ari}]
+        (run / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n{cut short")
+        return run
+
+    assert acc.read_run(write_run("unfinished", 0.5, 9.0, final_iter=299), 600) is None
+    assert acc.read_run(tmp_path / "missing", 600) is None
+    results = {("fp32", 42): acc.read_run(write_run("f42", 0.50, 9.0), 600),
+               ("fp32", 7): acc.read_run(write_run("f7", 0.56, 10.0), 600),
+               ("bf16", 42): acc.read_run(write_run("b42", 0.52, 9.5), 600),
+               ("bf16", 7): acc.read_run(write_run("b7", 0.53, 12.0), 600)}
+    assert results[("fp32", 42)]["s/iter"] == 2.0 and results[("fp32", 42)]["ct/ARI"] == 0.5
+    rows, diffs, verdict = acc.summarise(results, [42, 7])
+    assert [(r["recipe"], r["seed"]) for r in rows] == [("bf16", 7), ("fp32", 7), ("bf16", 42), ("fp32", 42)]
+    ari = next(d for d in diffs if d["figure"] == "val ARI")
+    assert ari["bf16 - fp32 (mean over seeds)"] == pytest.approx(-0.005)
+    assert ari["fp32 seed spread"] == pytest.approx(0.06)
+    assert any(v.startswith("val ARI:") and "within" in v for v in verdict)
+    ap = next(v for v in verdict if v.startswith("val mask AP:"))
+    assert "within" in ap  # +1.25 mean difference, 2.5 bf16 spread
+    results[("bf16", 42)]["ct/ARI"] = 0.69  # +0.165 mean difference against spreads of 0.06 and 0.01
+    results[("bf16", 7)]["ct/ARI"] = 0.70
+    assert any("val ARI:" in v and "OUTSIDE" in v for v in acc.summarise(results, [42, 7])[2])
+
+
+def test_bf16_accuracy_schedule_scales_the_config_schedule():
+    from bench import accuracy_bf16 as acc
+
+    opts = acc.schedule_opts(600, 300)
+    assert opts[opts.index("SOLVER.STEPS") + 1] == "(450, 552)"
+    assert opts[opts.index("SOLVER.WARMUP_ITERS") + 1] == "200"
+    tiny = acc.schedule_opts(4, 4)
+    assert tiny[tiny.index("SOLVER.STEPS") + 1] == "(2, 3)"  # fvcore: increasing milestones below MAX_ITER

@@ -68,6 +68,35 @@ def test_rpn_samples_no_background_anchor_on_a_pseudo_labelled_slice(pseudo):
     assert background == 0 if pseudo else background > 0
 
 
+def test_a_kept_share_of_background_stays_background_on_a_pseudo_labelled_slice():
+    """PSEUDO_NEGATIVES_KEEP: about that share of the sampled background survives, positives all do."""
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(0)
+    base = IGNORE + ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512", "MODEL.ROI_HEADS.POSITIVE_FRACTION", "0.25"]
+    far = torch.tensor([[float(x), 70.0, x + 20.0, 90.0] for x in range(0, 100)])  # 100 background proposals
+    structure, targets = _targets(True)
+    counts = {}
+    for keep in (0.0, 0.5, 1.0):
+        model = build_model(setup_cfg(DEMO, base + ["D2CT.PSEUDO_NEGATIVES_KEEP", str(keep)]))
+        boxes = torch.cat([torch.tensor([structure]), far])
+        proposals = Instances((128, 128), proposal_boxes=Boxes(boxes), objectness_logits=torch.zeros(len(boxes)))
+        with EventStorage():
+            sampled = model.roi_heads.label_and_sample_proposals([proposals], [targets])[0]
+        counts[keep] = int((sampled.gt_classes == model.roi_heads.num_classes).sum())
+        assert int((sampled.gt_classes == 0).sum()) >= 1  # the structure is always sampled
+        grid = [[x, y, x + 30.0, y + 30.0] for x in range(0, 98, 8) for y in range(0, 98, 8)]
+        labels = model.proposal_generator.label_and_sample_anchors([Boxes(torch.tensor(grid + [structure]))],
+                                                                   [targets])[0][0]
+        counts[f"rpn{keep}"] = int((labels == 0).sum())
+        assert int((labels == 1).sum()) >= 1
+    assert counts[0.0] == 0 and counts[1.0] == 100  # keep 1: every background proposal, as on a human slice
+    assert 30 <= counts[0.5] <= 70
+    assert counts["rpn0.0"] == 0 and 0.3 * counts["rpn1.0"] <= counts["rpn0.5"] <= 0.7 * counts["rpn1.0"]
+
+
 def test_mapper_marks_pseudo_labelled_slices_only_when_asked(crowd_json):  # noqa: F811
     record = next(d for d in load_coco_dicts(crowd_json) if d["annotations"])
     human = {**record, "annotations": [{k: v for k, v in a.items() if k != "score"} for a in record["annotations"]]}
@@ -86,6 +115,10 @@ def test_bad_values_name_the_key():
     with pytest.raises(ConfigError, match="MODEL.ROI_HEADS.NAME StandardROIHeads"):
         setup_cfg(DEMO, IGNORE + ["MODEL.ROI_HEADS.NAME", "Res5ROIHeads"])
     assert setup_cfg(DEMO, ["MODEL.DEVICE", "cpu"]).MODEL.ROI_HEADS.NAME == "StandardROIHeads"  # default unchanged
+    with pytest.raises(ConfigError, match="D2CT.PSEUDO_NEGATIVES_KEEP must be a number from 0 to 1, got 1.5"):
+        setup_cfg(DEMO, IGNORE + ["D2CT.PSEUDO_NEGATIVES_KEEP", "1.5"])
+    with pytest.raises(ConfigError, match="D2CT.PSEUDO_NEGATIVES_KEEP 0.3 applies with D2CT.PSEUDO_NEGATIVES ignore"):
+        setup_cfg(DEMO, ["D2CT.PSEUDO_NEGATIVES_KEEP", "0.3"])
 
 
 def test_training_steps_on_pseudo_labels_with_background_ignored(crowd_json, tiny_phantom, tmp_path):  # noqa: F811

@@ -34,6 +34,9 @@ def add_d2ct_config(cfg: CN) -> CN:
     # sampling: every structure the teachers missed is learnt as background) or "ignore" (anchors and
     # proposals there are sampled neither as object nor as background; d2ct.modeling.pseudo_negatives).
     _C.D2CT.PSEUDO_NEGATIVES = "background"
+    # With "ignore": the share (0-1) of a pseudo-labelled slice's sampled background anchors and
+    # proposals still taught as background, picked at random (keeps the student's scores calibrated).
+    _C.D2CT.PSEUDO_NEGATIVES_KEEP = 0.0
 
     # Augmentation suited to CT slices. Intensity jitter is limited to +-10% (it would change what
     # a grey level means in HU) unless UNRESTRICTED_INTENSITY is set.
