@@ -290,6 +290,99 @@ def test_final_training_sets_follow_pseudo_labels_and_labelled_repeat(tmp_path, 
             load_pipeline_config("configs/demo/pipeline.yaml", [f"final.labelled_repeat={bad}"])
 
 
+def test_control_trains_on_the_labelled_split_with_the_students_start(tmp_path, monkeypatch):
+    """final.control: after the round-1 student, control_r1 with the same config, opts and start
+    weights on the labelled split alone; scored like every model; bad values are named."""
+    from d2ct.pipeline.runner import Pipeline
+
+    folder = tmp_path / "run" / "pseudolabels_r1"
+    folder.mkdir(parents=True)
+    (folder / "pseudo_labels.json").write_text("{}")
+    (folder / "stats.json").write_text(json.dumps({"labelled_images": 5}))
+    sets = [f"output_dir={tmp_path / 'run'}", "final.control=true", "final.labelled_repeat=2", "pseudolabel.rounds=2",
+            "final.opts=[SEED, 7]"]
+    pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", sets))
+    calls = []
+    monkeypatch.setattr(pipe, "train", lambda config, out, train_sets, pseudo=None, model_opts=None:
+                        calls.append((out.name, config, train_sets, pseudo, model_opts)) or out)
+    monkeypatch.setattr(pipe, "_pseudolabel", lambda round_: folder)
+    monkeypatch.setattr(pipe, "final_init_weights", lambda round_: f"start_{round_}.pth")
+    outputs = pipe.stage_final()
+    final = "configs/demo/final.yaml"
+    pseudo = [str(folder / "pseudo_labels.json")]
+    assert calls == [
+        ("student_r1", final, ["phantom_train", "phantom_train", "phantom_pseudo"], pseudo, ["SEED", 7, "MODEL.WEIGHTS", "start_1.pth"]),
+        ("control_r1", final, ["phantom_train"], None, ["SEED", 7, "MODEL.WEIGHTS", "start_1.pth"]),
+        ("student_r2", final, ["phantom_train", "phantom_train", "phantom_pseudo"], pseudo, ["SEED", 7, "MODEL.WEIGHTS", "start_2.pth"]),
+    ]
+    assert list(outputs) == ["student_r1", "control_r1", "student_r2"]
+    assert [m for m, _ in pipe.models()][-3:] == ["student_r1", "student_r2", "control_r1"]
+    assert pipe.final_model_name() == "student_r2"  # the control never makes the submission
+    # off (the default) leaves the stage's fingerprint as it was before the key existed
+    plain = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", [f"output_dir={tmp_path / 'run'}"]))
+    assert "control" not in plain._stage_settings("final")["final"]["final"]
+    assert pipe._stage_settings("final")["final"]["final"]["control"] is True
+    for bad, match in ((["final.control=2"], "final.control must be true or false"),
+                       (["final.control=true", "final.pseudo_labels=false"], "the student is that control")):
+        with pytest.raises(ConfigError, match=match):
+            load_pipeline_config("configs/demo/pipeline.yaml", bad)
+
+
+def test_a_real_run_with_its_control_scores_and_reports_the_pair(pipeline_run, tmp_path):
+    """The real tools, final.control on: control_r1 trains from the same start and schedule on the
+    labelled split alone, is predicted and scored, and the report holds the paired difference."""
+    out, _, _, _ = pipeline_run
+    run = tmp_path / "run"
+    run_tool("run_pipeline.py", "--config", "configs/demo/pipeline.yaml", "--set", f"output_dir={run}",
+             f"data.root={out}/data/phantom", *TINY_PIPELINE, f"radiologists_dir={out / 'radiologists'}",
+             "final.control=true", "final.init=r101", timeout=1200)
+    student, control = (yaml.safe_load((run / m / "config.yaml").read_text()) for m in ("student_r1", "control_r1"))
+    assert list(control["DATASETS"]["TRAIN"]) == ["phantom_train"]
+    if json.loads((run / "pseudolabels_r1" / "stats.json").read_text())["labelled_images"]:
+        assert "phantom_pseudo" in student["DATASETS"]["TRAIN"]
+    for key in (("MODEL", "WEIGHTS"), ("SOLVER", "MAX_ITER"), ("SEED",)):
+        a, b = student, control
+        for k in key:
+            a, b = a[k], b[k]
+        assert a == b, key
+    assert (run / "evaluate" / "control_r1" / "per_image.csv").exists()
+    assert "control_r1" in {row["model"] for row in json.loads((run / "evaluate" / "table.json").read_text())}
+    report = (run / "report" / "report.md").read_text()
+    assert "## What the unlabelled pool added" in report and "`student_r1` (labelled + pseudo-labelled" in report
+
+
+def test_report_gives_the_students_difference_from_its_control(tmp_path):
+    """The report's paired section: per-slice ARI differences, bootstrap over the manifest's
+    patients, and a verdict that follows the interval."""
+    from types import SimpleNamespace
+
+    from d2ct.pipeline.report import control_rows
+
+    names = [f"s{i}.png" for i in range(12)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.csv").write_text(
+        "file,patient\n" + "".join(f"{n},p{i // 3}\n" for i, n in enumerate(names)))
+
+    def pipe(student_ari, control_ari):
+        for model, values in (("student_r1", student_ari), ("control_r1", control_ari)):
+            folder = tmp_path / "run" / "evaluate" / model
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "per_image.csv").write_text(
+                "name,ARI\n" + "".join(f"{n},{v}\n" for n, v in zip(names, values)))
+        return SimpleNamespace(out=tmp_path / "run", data_root=tmp_path / "data", control_name=lambda: "control_r1",
+                               student_name=lambda k: f"student_r{k}", cfg={"data": {"group_by": "patient"}})
+
+    text = "\n".join(control_rows(pipe([0.6 + 0.01 * i for i in range(12)], [0.5] * 12)))
+    assert "| 0.655 | 0.500 | +0.155 |" in text and "12 / 0 |" in text
+    assert "bootstrap resamples of the 4 patients" in text and "the unlabelled pool helped" in text
+    text = "\n".join(control_rows(pipe([0.5] * 12, [0.6] * 12)))
+    assert "-0.100 | [-0.100, -0.100] | 0 / 12 |" in text and "the unlabelled pool hurt" in text
+    mixed = [0.5 + (0.05 if i % 2 else -0.05) for i in range(12)]
+    assert "interval contains zero" in "\n".join(control_rows(pipe(mixed, [0.5] * 12)))
+    no_control = SimpleNamespace(control_name=lambda: None, student_name=lambda k: "student_r1", out=tmp_path / "run")
+    assert control_rows(no_control) == []
+
+
 def test_warm_started_final_model_trains_from_its_teacher(pipeline_run, tmp_path):
     """final.init=<radiologist>: a real final training that starts from that teacher's model_best.pth,
     with the labelled split listed twice next to the pseudo-labels."""

@@ -60,9 +60,12 @@ DEFAULTS: dict[str, Any] = {
     # the next round (pseudolabel.rounds >= 2). pseudo_labels: false trains the students on the
     # labelled images alone (the ablation that shows what pseudo-labels add). labelled_repeat: the
     # labelled split is listed this many times in DATASETS.TRAIN, so a few hundred human labels are
-    # not outnumbered by several times as many pseudo-labelled slices.
+    # not outnumbered by several times as many pseudo-labelled slices. control: true also trains
+    # control_r1, the round-1 student's labelled-only control of equal compute (same config, opts,
+    # start and iterations, labelled split alone), and the report gives the paired per-slice
+    # difference: what the unlabelled pool added, with a bootstrap interval.
     "final": {"config": None, "teach_threshold": 0.7, "opts": [], "init": "scratch", "pseudo_labels": True,
-              "labelled_repeat": 1},
+              "labelled_repeat": 1, "control": False},
     # score_threshold: a number, or "val": each model's threshold is chosen from threshold_grid by
     # its mean ARI on the validation split (predict/thresholds.json), so models are compared at
     # their best rather than at one calibration
@@ -206,6 +209,7 @@ _SCHEMA: dict[str, tuple] = {
     "final.init": (_is_text, "scratch, best or a radiologist's name"),
     "final.pseudo_labels": (lambda v: isinstance(v, bool), "true or false"),
     "final.labelled_repeat": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "final.control": (lambda v: isinstance(v, bool), "true or false"),
     "predict.flip_tta": (lambda v: isinstance(v, bool), "true or false"),
     "predict.min_area": (_is_int, "a whole number >= 0"),
     "predict.fallback_top_k": (_is_int, "a whole number >= 0"),
@@ -273,6 +277,9 @@ def validate(cfg: dict, source: str) -> None:
     if init not in ("scratch", "best") and init not in names:
         raise ConfigError(f"{source}: final.init must be scratch, best or a radiologist's name "
                           f"({', '.join(sorted(names))}), got {init!r}")
+    if cfg["final"]["control"] and cfg["final"]["pseudo_labels"] is False:
+        raise ConfigError(f"{source}: final.control trains a labelled-only control next to a student that "
+                          "learns from pseudo-labels; with final.pseudo_labels false the student is that control")
     if not isinstance(cfg["final"]["pseudo_labels"], bool):
         raise ConfigError(f"{source}: final.pseudo_labels must be true or false")
     repeat = cfg["final"]["labelled_repeat"]

@@ -153,7 +153,9 @@ class Pipeline:
                              "opts": c["opts"], "radiologists_dir": c.get("radiologists_dir")},
             "pseudolabel": {"pseudolabel": {k: v for k, v in c["pseudolabel"].items() if k != "rounds"},
                             "thresholds": {r["name"]: r["threshold"] for r in c["radiologists"]}},
-            "final": {"final": c["final"], "final_config_digest": config_digest(c["final"]["config"]),
+            # control off is left out: runs made before the key existed keep their fingerprint
+            "final": {"final": {k: v for k, v in c["final"].items() if k != "control" or v},
+                      "final_config_digest": config_digest(c["final"]["config"]),
                       "rounds": c["pseudolabel"]["rounds"]},
             "predict": {"predict": c["predict"]},
             "evaluate": {},
@@ -188,7 +190,7 @@ class Pipeline:
         if stage == "pseudolabel":
             return sorted(self.out.glob("pseudolabels_r*"))
         if stage == "final":
-            return sorted(self.out.glob("student_r*"))
+            return sorted(self.out.glob("student_r*")) + sorted(self.out.glob("control_r*"))
         return [self.out / stage]
 
     def reset_from(self, stage: str) -> None:
@@ -401,6 +403,10 @@ class Pipeline:
     def student_dir(self, round_: int) -> Path:
         return self.out / self.student_name(round_)
 
+    def control_name(self) -> str | None:
+        """The round-1 student's labelled-only control of equal compute (final.control), or None."""
+        return "control_r1" if self.cfg["final"].get("control") else None
+
     def final_model_name(self) -> str:
         """The model whose predictions make the submission: the last round's student."""
         return self.student_name(self.rounds())
@@ -512,15 +518,26 @@ class Pipeline:
                                 round_, repeat)
             out = self.train(self.cfg["final"]["config"], self.student_dir(round_), train_sets, pseudo, model_opts=opts)
             outputs[self.student_name(round_)] = str(out)
+            if round_ == 1 and self.control_name():
+                # equal compute: the student's config, opts and start; the labelled split alone
+                logger.info("round 1: training %s, the student's labelled-only control (final.control)",
+                            self.control_name())
+                control = self.train(self.cfg["final"]["config"], self.out / self.control_name(),
+                                     [f"{self.name}_train"], None, model_opts=opts)
+                outputs[self.control_name()] = str(control)
         return outputs
 
     # ------------------------------------------------------------------------------------------
     # predictions of every model on the evaluation split
     # ------------------------------------------------------------------------------------------
     def models(self) -> list[tuple[str, Path]]:
-        """(name, folder) of every model the run scores: the radiologists, then each round's student."""
+        """(name, folder) of every model the run scores: the radiologists, each round's student, then
+        the labelled-only control when final.control is on."""
         models = [(r["name"], d) for r, d in zip(self.cfg["radiologists"], self.radiologist_dirs())]
-        return models + [(self.student_name(k), self.student_dir(k)) for k in range(1, self.rounds() + 1)]
+        models += [(self.student_name(k), self.student_dir(k)) for k in range(1, self.rounds() + 1)]
+        if self.control_name():
+            models.append((self.control_name(), self.out / self.control_name()))
+        return models
 
     def slice_shape(self) -> tuple[int, int]:
         """(H, W) of the data set's slices, from the data stage's summary."""

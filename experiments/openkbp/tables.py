@@ -53,20 +53,11 @@ def foreground_pixels(label_csv: Path) -> float | None:
 
 
 def patient_bootstrap(diff, patients, n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of per-slice differences and its 95% interval, resampling whole patients: slices of one
-    patient are not independent, so resampling slices would make the interval too narrow."""
-    import numpy as np
+    """Mean of per-slice differences and its 95% interval, resampling whole patients (the library's
+    :func:`d2ct.evaluation.metrics.group_bootstrap`, which the pipeline report uses too)."""
+    from d2ct.evaluation.metrics import group_bootstrap
 
-    diff = np.asarray(diff, float)
-    ids = sorted(set(patients))
-    index = {pid: i for i, pid in enumerate(ids)}
-    of = np.array([index[pid] for pid in patients])
-    sums = np.bincount(of, weights=diff, minlength=len(ids))
-    counts = np.bincount(of, minlength=len(ids))
-    picks = np.random.default_rng(seed).integers(0, len(ids), size=(n, len(ids)))
-    means = sums[picks].sum(1) / counts[picks].sum(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
+    return group_bootstrap(diff, patients, n=n, seed=seed)
 
 
 class Runs:
@@ -150,7 +141,7 @@ def paired_sections(runs: Runs) -> list[str]:
     reference = exp.spec.get("reference")
     if reference in done and done:
         first = done[0]
-        teachers = [(first, name) for name, _ in runs.pipeline(first).models() if not name.startswith("student_r")]
+        teachers = [(first, name) for name, _ in runs.pipeline(first).models() if not name.startswith(("student_r", "control_r"))]
         out += paired_differences(runs, (reference, runs.final(reference)), teachers + students,
                                   "## Paired differences on the test slices", "the labelled-only control")
     controls: dict[str, list[str]] = {}
