@@ -143,6 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 7], help="training seeds (default: %(default)s)")
     ap.add_argument("--runs", type=Path, default=Path.home() / "d2ct-runs" / "bf16_accuracy",
                     help="run folders (default: %(default)s)")
+    ap.add_argument("--recipes", nargs="+", choices=list(MODES), default=["bf16", "fp32"],
+                    help="train only these recipes (two processes can then share a machine; the table "
+                         "reads every finished run) (default: both)")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: torch's own)")
     ap.add_argument("--table-only", action="store_true", help="read the finished runs, train nothing")
     ap.add_argument("--out", type=Path, help="also write the tables to this markdown file")
@@ -157,7 +160,7 @@ def main(argv=None) -> int:
         for mode in ("bf16", "fp32"):  # bf16 first: the cheaper half of a pair finishes first
             run_dir = (args.runs / f"{mode}_seed{seed}").resolve()
             done = read_run(run_dir, args.iters)
-            if done is None and not args.table_only:
+            if done is None and not args.table_only and mode in args.recipes:
                 train_one(args.config, data, run_dir, seed, mode, args.iters, args.eval_period, args.threads)
                 done = read_run(run_dir, args.iters)
             if done is not None:
