@@ -44,10 +44,9 @@ def drop_background(labels: torch.Tensor, background: torch.Tensor, keep: float)
     return background & (torch.rand(labels.shape, device=labels.device) >= keep)
 
 
-@PROPOSAL_GENERATOR_REGISTRY.register()
-class PseudoAwareRPN(RPN):
-    """Detectron2's RPN; on pseudo-labelled images the sampled background anchors are ignored
-    (all, or all but a ``pseudo_negatives_keep`` share)."""
+class _KeepsBackgroundShare:
+    """Mixin for the two pseudo-aware parts: ``pseudo_negatives_keep`` from D2CT.PSEUDO_NEGATIVES_KEEP
+    next to the Detectron2 part's own configurable arguments."""
 
     @configurable
     def __init__(self, *args, pseudo_negatives_keep: float = 0.0, **kwargs):
@@ -59,6 +58,12 @@ class PseudoAwareRPN(RPN):
         ret = super().from_config(cfg, input_shape)
         ret["pseudo_negatives_keep"] = float(cfg.D2CT.PSEUDO_NEGATIVES_KEEP)
         return ret
+
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class PseudoAwareRPN(_KeepsBackgroundShare, RPN):
+    """Detectron2's RPN; on pseudo-labelled images the sampled background anchors are ignored
+    (all, or all but a ``pseudo_negatives_keep`` share)."""
 
     @torch.no_grad()
     def label_and_sample_anchors(self, anchors, gt_instances):
@@ -70,21 +75,10 @@ class PseudoAwareRPN(RPN):
 
 
 @ROI_HEADS_REGISTRY.register()
-class PseudoAwareROIHeads(StandardROIHeads):
+class PseudoAwareROIHeads(_KeepsBackgroundShare, StandardROIHeads):
     """Detectron2's StandardROIHeads; on pseudo-labelled images, proposals that match no instance
     are ignored rather than sampled as background (all, or all but a ``pseudo_negatives_keep`` share
     of the sampled ones)."""
-
-    @configurable
-    def __init__(self, *args, pseudo_negatives_keep: float = 0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.pseudo_negatives_keep = pseudo_negatives_keep
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        ret["pseudo_negatives_keep"] = float(cfg.D2CT.PSEUDO_NEGATIVES_KEEP)
-        return ret
 
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals, targets):
