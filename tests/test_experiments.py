@@ -26,6 +26,8 @@ OLD_VARIANTS = ["main", "consensus", "rounds2", "thr05", "warmstart", "warmstart
                 "long_consensus", "long_labelled_seed7", "strong_teacher", "strong_teacher_labelled",
                 "strong_teacher_seed7", "strong_teacher_labelled_seed7", "second_generation",
                 "second_generation_labelled"]
+# issue 23's variants, added after them
+NEW_VARIANTS = ["ensemble_student", "ensemble_student_seed7", "warmstart_labelled_seed7"]
 
 
 def _trained(folder: Path) -> Path:
@@ -44,7 +46,7 @@ def _experiment(tmp_path: Path, subset=None, **kw) -> run.Experiment:
 @pytest.mark.parametrize("subset", [None, ["r50", "r101"]])
 def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
     exp = _experiment(tmp_path, subset, predict_threshold="val")
-    assert list(exp.variants) == OLD_VARIANTS and exp.spec["reference"] == "warmstart_labelled"
+    assert list(exp.variants) == OLD_VARIANTS + NEW_VARIANTS and exp.spec["reference"] == "warmstart_labelled"
     for variant in exp.variants:  # the models other variants name by "@<variant>/..."
         for _, folder in exp.needs(variant):
             _trained(folder)
@@ -65,12 +67,22 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
     assert configs["strong_teacher"]["radiologists"][0]["dir"] == str(
         tmp_path / "runs" / f"long_labelled{exp.tag}" / "student_r1")
     assert configs["rounds2"]["pseudolabel"]["rounds"] == 2 and configs["strong_teacher_seed7"]["final"]["opts"] == ["SEED", 7]
+    ensemble, ensemble7 = configs["ensemble_student"], configs["ensemble_student_seed7"]
+    assert ensemble["pseudolabel"]["mode"] == ensemble7["pseudolabel"]["mode"] == "ensemble"
+    assert {r["threshold"] for r in ensemble["radiologists"] + ensemble7["radiologists"]} == {0.6}
+    assert ensemble["final"]["opts"] == ["D2CT.AUGMENT.STUDENT.ENABLED", True]
+    assert ensemble7["final"]["opts"] == ["D2CT.AUGMENT.STUDENT.ENABLED", True, "SEED", 7]
+    assert configs["warmstart_labelled_seed7"]["final"]["opts"] == ["SEED", 7]
     # a control is the labelled-only run of the same start and schedule (the equal-compute pair)
     for variant, v in exp.variants.items():
         if v["control"]:
             control, cfg = configs[v["control"]], configs[variant]
             assert control["final"]["pseudo_labels"] is False, variant
             assert cfg["final"]["pseudo_labels"] is (variant != "long_labelled_seed7"), variant  # a seed repeat
+            if variant != "long_labelled_seed7":  # the same training seed on both sides of a pair
+                seed = [o["final"]["opts"][o["final"]["opts"].index("SEED") + 1] if "SEED" in o["final"]["opts"]
+                        else None for o in (control, cfg)]
+                assert seed[0] == seed[1], (variant, seed)
             for key in ("config", "init"):
                 assert control["final"][key] == cfg["final"][key], (variant, key)
             assert [r["name"] for r in control["radiologists"]] == [r["name"] for r in cfg["radiologists"]], variant
@@ -89,6 +101,12 @@ def test_variants_file_errors_name_the_problem(tmp_path):
         run.load_variants(bad)
     bad.write_text("variants:\n  a: {sets: [final.init]}\n")
     with pytest.raises(SystemExit, match="KEY=VALUE"):
+        run.load_variants(bad)
+    bad.write_text("variants:\n  a: {sets: []}\npeers:\n  a: {args: [--seconds, 60]}\n")
+    with pytest.raises(SystemExit, match="peer 'a': expected a name .* that no variant has"):
+        run.load_variants(bad)
+    bad.write_text("variants:\n  a: {sets: []}\npeers:\n  unet: {args: --seconds 60}\n")
+    with pytest.raises(SystemExit, match="peer 'unet'.*'args'"):
         run.load_variants(bad)
     bad.write_text("reference: x\nvariants:\n  a: {sets: []}\n")
     with pytest.raises(SystemExit, match="reference names 'x'"):
@@ -135,6 +153,17 @@ def test_driver_runs_one_pipeline_per_variant_sharing_the_radiologists(tmp_path,
     # --table-only runs nothing; bad options are usage errors
     run.main(["--runs", str(runs), "--table-only", "--out", str(out)])
     assert len(calls) == 8 and calls[-1] == "table"
+    # a peer: tools/train_unet.py on the same data and split, with its own options; not again once finished
+    run.main(["--runs", str(runs), "--only", "unet", "--set", f"data.root={holdout}", "--out", str(out)])
+    unet = calls[-2]
+    assert unet[:2] == [sys.executable, str(ROOT / "tools/train_unet.py")]
+    assert unet[2:12] == ["--data", str(holdout), "--out", str(runs / "unet"), "--val-fraction", "0.2",
+                          "--split-seed", "0", "--group-by", "patient"]
+    assert unet[12:] == ["--seconds", "3600", "--iters", "100000", "--eval-period", "250"]
+    (runs / "unet").mkdir()
+    (runs / "unet" / "run.json").write_text("{}")
+    run.main(["--runs", str(runs), "--only", "unet", "--set", f"data.root={holdout}", "--out", str(out)])
+    assert len(calls) == 11 and calls[-1] == "table"  # only the tables again
     with pytest.raises(SystemExit, match="--only: nope not in"):
         run.main(["--only", "nope", "--table-only"])
     with pytest.raises(SystemExit, match="--radiologists: nope not in"):
@@ -203,6 +232,12 @@ def test_tables_from_run_folders(tmp_path):
             {"mode": "partition", "labelled_images": kept, "pool_images": 8, "instances": 3 * kept,
              "instances_per_image": 3.0, "ignore_regions": 2,
              "radiologists": [{"name": n, "ap": a, "weight": 0.5} for n, a in zip(("r50", "r101"), aps or ())]}))
+    peer = exp.peer_dir("unet")  # the U-Net yardstick's folder (tools/train_unet.py)
+    (peer / "evaluate").mkdir(parents=True)
+    (peer / "evaluate" / "per_image.csv").write_text("name,ARI\n" + "".join(f"{i}.png,0.55\n" for i in range(6)))
+    (peer / "submission.csv").write_text("pixel,0.png,1.png\n0,1,0\n1,1,0\n2,0,0\n3,0,3\n")
+    (peer / "run.json").write_text(json.dumps({"scores": {"ARI": 0.55, "Dice": 0.5, "AP": 12.0}, "iterations": 900,
+                                               "seconds": 1800, "best": {"ARI": 0.6, "iteration": 800}}))
     rad = exp.runs / "radiologists" / "r50"
     rad.mkdir(parents=True)
     (rad / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 600\n")
@@ -219,6 +254,7 @@ def test_tables_from_run_folders(tmp_path):
     assert "| warmstart_rounds2 | student_r1 |" in head and "| warmstart_rounds2 | student_r2 | 0.400 |" in head
     assert "| strong_teacher | student_r1 | 0.750 |" in head and "| strong_teacher | r50_2400 |" not in head
     assert "The truth has 1.0 foreground pixels per test slice" in head
+    assert "| unet (peer) | unet | 0.550 | - | 0.500 | - | 12.0 | - | - | - | 1.5 | - |" in head
     # every model against the reference run's final model, patients resampled
     ref = sections["Paired differences on the test slices"]
     assert "`warmstart_labelled student_r1` (the labelled-only control)" in ref
@@ -226,6 +262,10 @@ def test_tables_from_run_folders(tmp_path):
     assert "| warmstart | r50 | -0.100 | [-0.100, -0.100] | 0 / 6 |" in ref
     assert "| warmstart | student_r1 | +0.100 | [+0.100, +0.100] | 6 / 0 |" in ref
     assert "| warmstart_labelled |" not in ref  # not against itself
+    assert "| unet | unet | +0.050 | [+0.050, +0.050] | 6 / 0 |" in ref
+    peer_rows = sections["Paired differences on the test slices: every final model against the unet peer"]
+    assert "| long_labelled | student_r1 | +0.150 |" in peer_rows and "| warmstart | r50 |" not in peer_rows
+    assert "unet (peer, `" in text and "900 iterations in 0.50 h, best validation ARI 0.600 at iteration 800" in text
     # slices 0-3 (patients 0, 1) worse by 0.3, slices 4-5 (patient 2) better: the interval spans both
     row = next(line for line in ref.splitlines() if line.startswith("| warmstart_rounds2 | student_r2 |"))
     low, high = (float(x) for x in row.split("[")[1].split("]")[0].split(","))
@@ -246,6 +286,22 @@ def test_tables_from_run_folders(tmp_path):
     assert "| warmstart | pseudolabels_r2 | partition | 6 of 8 | 18 | 3.00 | 2 |" in kept
     curves = sections["Validation during training"]
     assert "`r50`:" in curves and "| 300 | 2.0 | - | 0.250 |" in curves and "| 601 |" not in curves
+
+
+def test_tables_bootstrap_slices_when_a_test_slice_has_no_patient(tmp_path, caplog):
+    """The tables group slices as the pipeline report does (d2ct.pipeline.report.eval_groups): a test
+    slice missing from the manifest makes the bootstrap resample slices, with a warning naming it,
+    instead of leaving that slice out of the comparison."""
+    holdout = _holdout(tmp_path)
+    exp = _experiment(tmp_path, ["r50"], extra=[f"data.root={holdout}"])
+    _run(exp, "warmstart_labelled", {"r50": [0.4] * 6, "student_r1": [0.5] * 6})
+    runs = tables.Runs(exp)
+    assert runs.groups() == ({f"{i}.png": f"pt_{i // 2}" for i in range(6)}, "patients")
+    (holdout / "manifest.csv").write_text("holdout,file,patient\n" + "".join(
+        f"test,{i}.png,pt_{i // 2}\n" for i in range(5)))
+    with caplog.at_level("WARNING"):
+        assert runs.groups() == ({f"{i}.png": f"{i}.png" for i in range(6)}, "slices")
+    assert "'5.png' has no row" in caplog.text
 
 
 def test_patient_bootstrap_resamples_patients_not_slices():

@@ -70,6 +70,21 @@ def test_unet_trains_and_its_submission_is_scored(tmp_path):
     assert -1 <= summary["ARI"] <= 1
 
 
+def test_a_wall_time_budget_ends_the_cosine_schedule(tmp_path):
+    """--seconds stops training long before --iters: the learning rate must still decay to zero,
+    or the model kept is one trained at full rate."""
+    from d2ct.peer.unet import train_unet
+
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 32, 32), dtype=np.float32)
+    labels = np.stack([_two_touching()] * 4)
+    labels = np.pad(labels, ((0, 0), (6, 6), (6, 6)))
+    options = UNetOptions(max_iter=100000, max_seconds=2.0, eval_period=100000, channels=(4, 8), batch_size=2)
+    summary = train_unet(images, labels, tmp_path, options)
+    assert summary["iterations"] < options.max_iter  # stopped by the clock
+    assert summary["history"][-1]["lr"] < 1e-3 * options.lr
+
+
 def test_unet_options_are_checked():
     from d2ct.errors import ConfigError
 

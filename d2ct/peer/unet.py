@@ -208,15 +208,25 @@ def train_unet(train_images: np.ndarray, train_labels: np.ndarray, out_dir: str 
     device = resolve_device(options.device)
     model = build_unet(options).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # cosine to 0 over max_iter
-        optimizer, lambda it: 0.5 * (1 + math.cos(math.pi * min(it, options.max_iter) / options.max_iter)))
+    start = time.time()
+
+    def progress(step: int) -> float:
+        """How far training is, 0-1: by iterations, or by wall time when a budget of seconds ends it
+        first (so a run stopped by --seconds still ends its cosine near zero)."""
+        done = step / options.max_iter
+        if options.max_seconds:
+            done = max(done, (time.time() - start) / options.max_seconds)
+        return min(done, 1.0)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # cosine to 0 over the budget
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * progress(step))))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     targets = np.stack([pixel_classes(y, options.boundary) for y in train_labels])
     x_all = torch.from_numpy(train_images[:, None])
     y_all = torch.from_numpy(targets[:, None])
 
     history, best = [], {"ARI": -math.inf, "iteration": None}
-    start, last_loss, first_loss, it = time.time(), float("nan"), float("nan"), 0
+    last_loss, first_loss, it = float("nan"), float("nan"), 0
     logger.info("U-Net: %d training slices, %d validation slices, %s, up to %d iterations%s", len(train_images),
                 0 if val_images is None else len(val_images), device, options.max_iter,
                 f" or {options.max_seconds:.0f} s" if options.max_seconds else "")
@@ -242,7 +252,8 @@ def train_unet(train_images: np.ndarray, train_labels: np.ndarray, out_dir: str 
             first_loss = last_loss
         out_of_time = bool(options.max_seconds) and time.time() - start >= options.max_seconds
         if it % options.eval_period == 0 or it == options.max_iter or out_of_time:
-            row = {"iteration": it, "seconds": round(time.time() - start, 1), "loss": last_loss}
+            row = {"iteration": it, "seconds": round(time.time() - start, 1), "loss": last_loss,
+                   "lr": optimizer.param_groups[0]["lr"]}  # the next step's
             if val_images is not None and len(val_images):
                 row["val_ARI"] = _val_ari(model, val_images, val_labels, options, device)
                 if row["val_ARI"] > best["ARI"]:

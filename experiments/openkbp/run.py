@@ -8,11 +8,14 @@ variants share the radiologists of ``<runs>/radiologists``: the first run trains
 reuse them (the pipeline never retrains or removes a shared model; one made with other settings is
 an error). Resumable: run the same command again after a kill and the pipeline skips what is
 finished. The held-out test patients (tools/make_holdout.py, seed 0) are prepared first when the
-config's data.root does not exist yet.
+config's data.root does not exist yet. The variants file's ``peers`` are yardsticks outside the
+method (the U-Net of tools/train_unet.py), trained on the same split in ``<runs>/<peer>`` (a peer
+with a finished run.json is not trained again; a killed one starts over) and scored beside the runs.
 
   python experiments/openkbp/run.py --only main thr05
   python experiments/openkbp/run.py --radiologists r50 r101 --only warmstart_labelled warmstart
       # two of the three teachers: run folders <variant>_r50+r101
+  python experiments/openkbp/run.py --only unet   # the U-Net peer (variants.yaml: peers)
   python experiments/openkbp/run.py --radiologists r50 r101 --predict-threshold val --out T.md --table-only
 """
 from __future__ import annotations
@@ -70,7 +73,15 @@ def load_variants(path: Path = VARIANTS_FILE) -> dict:
     for what, other in named:
         if other not in variants:
             raise SystemExit(f"{where}: {what} names {other!r}, which is not a variant")
-    return {"reference": data.get("reference"), "variants": variants, "title": data.get("title"),
+    peers = {}
+    for name, v in (data.get("peers") or {}).items():
+        args = v.get("args", []) if isinstance(v, dict) else None
+        if (not re.fullmatch(r"\w+", str(name)) or name in variants or not isinstance(v, dict) or set(v) - {"args"}
+                or not isinstance(args, list) or not all(isinstance(a, (str, int, float)) for a in args)):
+            raise SystemExit(f"{where}: peer {name!r}: expected a name of letters, digits and _ that no variant "
+                             "has, with 'args' (a list of tools/train_unet.py options)")
+        peers[name] = {"args": [str(a) for a in args]}
+    return {"reference": data.get("reference"), "variants": variants, "peers": peers, "title": data.get("title"),
             "truth_note": data.get("truth_note", "")}
 
 
@@ -99,6 +110,14 @@ class Experiment:
     @property
     def variants(self) -> dict:
         return self.spec["variants"]
+
+    @property
+    def peers(self) -> dict:
+        return self.spec.get("peers", {})
+
+    def peer_dir(self, peer: str) -> Path:
+        """A peer's folder: <runs>/<peer> (it learns from the labelled slices alone: no teacher tag)."""
+        return self.runs / peer
 
     @property
     def tag(self) -> str:
@@ -165,6 +184,35 @@ def run_variant(exp: Experiment, variant: str) -> None:
     print(f"[openkbp] {variant}: done in {(time.time() - start) / 3600:.2f} h", flush=True)
 
 
+def peer_command(exp: Experiment, peer: str) -> list[str]:
+    """tools/train_unet.py on the pipeline config's data, with its train/validation split (the same
+    val_fraction, split_seed and group_by as every Mask R-CNN of the runs), then the peer's args."""
+    from d2ct.pipeline.config import load_pipeline_config
+
+    data = load_pipeline_config(str(ROOT / exp.config), exp.extra)["data"]
+    cmd = [sys.executable, str(ROOT / "tools/train_unet.py"), "--data", str(data["root"]), "--out",
+           str(exp.peer_dir(peer)), "--val-fraction", str(data["val_fraction"]), "--split-seed", str(data["split_seed"])]
+    if data.get("group_by"):
+        cmd += ["--group-by", str(data["group_by"])]
+    if data.get("manifest"):
+        cmd += ["--manifest", str(data["manifest"])]
+    return cmd + exp.peers[peer]["args"]
+
+
+def run_peer(exp: Experiment, peer: str) -> None:
+    """Train and score a peer unless its folder holds a finished run (run.json, written last)."""
+    if (exp.peer_dir(peer) / "run.json").exists():
+        print(f"[openkbp] {peer}: finished before ({exp.peer_dir(peer)})", flush=True)
+        return
+    cmd = peer_command(exp, peer)
+    print(f"[openkbp] {peer}: $ {' '.join(cmd)}", flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"[openkbp] {peer}: tools/train_unet.py failed (exit {proc.returncode})")
+    print(f"[openkbp] {peer}: done in {(time.time() - start) / 3600:.2f} h", flush=True)
+
+
 def prepare_holdout(exp: Experiment, source: Path) -> None:
     """tools/make_holdout.py from ``source`` into the config's data.root, when that does not exist
     (make_holdout writes its folder whole, so an existing one is finished)."""
@@ -199,7 +247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", type=Path, default=Path.home() / "d2ct-runs" / "openkbp",
                    help="run folders: <runs>/<variant>, shared radiologists in <runs>/radiologists (default: %(default)s)")
     p.add_argument("--source", type=Path, default=SOURCE, help="the OpenKBP few-shot folder the hold-out is made from")
-    p.add_argument("--only", nargs="+", metavar="VARIANT", help="variants to run, in this order (default: all)")
+    p.add_argument("--only", nargs="+", metavar="VARIANT",
+                   help="variants (or peers) to run, in this order (default: all variants, then the peers)")
     p.add_argument("--radiologists", nargs="+", metavar="NAME",
                    help="only these radiologists of the config; run folders get the suffix _<names>")
     p.add_argument("--predict-threshold", type=_threshold, metavar="SCORE|val",
@@ -218,9 +267,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.out, args.source = args.out.resolve(), args.source.resolve()
     spec = load_variants(args.variants.resolve())
-    unknown = sorted(set(args.only or ()) - set(spec["variants"]))
+    known = [*spec["variants"], *spec["peers"]]
+    unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
-        raise SystemExit(f"--only: {', '.join(unknown)} not in {args.variants} ({', '.join(spec['variants'])})")
+        raise SystemExit(f"--only: {', '.join(unknown)} not in {args.variants} ({', '.join(known)})")
     exp = Experiment(runs=args.runs.expanduser().resolve(), config=args.config, spec=spec,
                      teachers=radiologist_subset(args.config, args.radiologists),
                      predict_threshold=args.predict_threshold, extra=args.extra)
@@ -228,8 +278,8 @@ def main(argv=None) -> int:
     text = None
     if not args.table_only:
         prepare_holdout(exp, args.source)
-        for variant in args.only or list(spec["variants"]):
-            run_variant(exp, variant)
+        for variant in args.only or known:
+            (run_peer if variant in spec["peers"] else run_variant)(exp, variant)
             text = tables.table(exp)  # after each run: a long session keeps its tables so far
             tables.publish(args.out, text, quiet=True)
     tables.publish(args.out, text if text is not None else tables.table(exp))

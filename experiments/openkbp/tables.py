@@ -66,6 +66,7 @@ class Runs:
     def __init__(self, exp):
         self.exp = exp
         self.done = [v for v in exp.variants if (exp.run_dir(v) / "evaluate" / "table.json").exists()]
+        self.peers = [p for p in exp.peers if (exp.peer_dir(p) / "run.json").exists()]
         self._cfg: dict = {}
 
     def cfg(self, variant: str) -> dict:
@@ -85,7 +86,11 @@ class Runs:
         return self.students(variant)[-1]
 
     def per_image(self, variant: str, model: str) -> dict[str, float] | None:
-        f = self.exp.run_dir(variant) / "evaluate" / model / "per_image.csv"
+        """Per-slice ARI of a run's model, or of a peer (``variant`` and ``model`` both its name)."""
+        if variant in self.exp.peers:
+            f = self.exp.peer_dir(variant) / "evaluate" / "per_image.csv"
+        else:
+            f = self.exp.run_dir(variant) / "evaluate" / model / "per_image.csv"
         if not f.exists():
             return None
         with open(f, newline="") as fh:
@@ -95,18 +100,16 @@ class Runs:
         return self.pipeline(self.done[0]).data_root if self.done else None
 
     def groups(self) -> tuple[dict[str, str], str]:
-        """(test slice -> the group the bootstrap resamples, the groups' name): the data set's
-        data.group_by column of the manifest (patients), or each slice on its own."""
+        """(test slice -> the group the bootstrap resamples, the groups' name): the pipeline
+        report's own grouping (:func:`d2ct.pipeline.report.eval_groups`: the manifest's data.group_by
+        column, patients, or each slice on its own, with a warning saying why)."""
+        from d2ct.pipeline.report import eval_groups
+
         if not self.done:
             return {}, "slices"
-        column = self.cfg(self.done[0])["data"].get("group_by")
-        manifest = self.data_root() / "manifest.csv"
-        if not column or not manifest.exists():
-            names = self.per_image(self.done[0], self.final(self.done[0])) or {}
-            return {n: n for n in names}, "slices"
-        with open(manifest, newline="") as fh:
-            return ({row["file"]: row[column] for row in csv.DictReader(fh) if row.get("holdout", "test") == "test"},
-                    f"{column}s")
+        names = list(self.per_image(self.done[0], self.final(self.done[0])) or {})
+        groups, unit = eval_groups(self.pipeline(self.done[0]), names)
+        return dict(zip(names, groups)), unit
 
 
 def paired_differences(runs: Runs, reference: tuple[str, str], models: list[tuple[str, str]], heading: str,
@@ -142,7 +145,8 @@ def paired_sections(runs: Runs) -> list[str]:
     if reference in done and done:
         first = done[0]
         teachers = [(first, name) for name, _ in runs.pipeline(first).models() if not name.startswith(("student_r", "control_r"))]
-        out += paired_differences(runs, (reference, runs.final(reference)), teachers + students,
+        out += paired_differences(runs, (reference, runs.final(reference)),
+                                  teachers + students + [(p, p) for p in runs.peers],
                                   "## Paired differences on the test slices", "the labelled-only control")
     controls: dict[str, list[str]] = {}
     for variant in done:
@@ -159,6 +163,10 @@ def paired_sections(runs: Runs) -> list[str]:
             out += paired_differences(runs, (teacher, model), [(v, runs.final(v)) for v in variants if v in done],
                                       f"## Paired differences on the test slices: against their teacher, {teacher} {model}",
                                       "their teacher")
+    for peer in runs.peers:  # the issue's bar: the final models against the peer
+        out += paired_differences(runs, (peer, peer), students,
+                                  f"## Paired differences on the test slices: every final model against the {peer} peer",
+                                  f"the {peer} peer, trained on the labelled slices alone")
     return out + against_best_radiologist(runs, students)
 
 
@@ -311,6 +319,17 @@ def table(exp) -> str:
         stages = sorted((out / "stages").glob("*.json"))
         hours = sum(read_json(p).get("seconds", 0) for p in stages) / 3600
         details += [f"{variant}: {len(stages)} stages finished, {hours:.2f} h of stage time (`{report}`)", ""]
+    for peer in runs.peers:  # a yardstick outside the method: its own row, its own training summary
+        folder = exp.peer_dir(peer)
+        done = read_json(folder / "run.json")
+        row = {**done.get("scores", {}), "fg_px": foreground_pixels(folder / "submission.csv")}
+        cells = [_fmt(row.get(k), k.startswith("AP") or k == "fg_px") for k, _ in COLUMNS]
+        lines.append(f"| {peer} (peer) | {peer} | " + " | ".join(cells) + " |")
+        best = done.get("best", {})
+        details += [f"{peer} (peer, `{folder}`): {done.get('iterations')} iterations in "
+                    f"{done.get('seconds', 0) / 3600:.2f} h, best validation ARI "
+                    f"{_fmt(best.get('ARI'))} at iteration {best.get('iteration')}; options "
+                    f"`{json.dumps(done.get('options', {}), sort_keys=True)}`", ""]
     val = ["## Validation during training", "",
            "Each model on the validation patients (the split that picks its best checkpoint) at every "
            "evaluation; mask AP in %.", ""]
