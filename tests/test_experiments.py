@@ -27,7 +27,7 @@ OLD_VARIANTS = ["main", "consensus", "rounds2", "thr05", "warmstart", "warmstart
                 "strong_teacher_seed7", "strong_teacher_labelled_seed7", "second_generation",
                 "second_generation_labelled"]
 # issue 23's variants, added after them
-NEW_VARIANTS = ["ensemble_student", "ensemble_student_seed7", "warmstart_labelled_seed7"]
+NEW_VARIANTS = ["ensemble_student", "ensemble_student_seed7", "warmstart_labelled_seed7", "mean_teacher"]
 
 
 def _trained(folder: Path) -> Path:
@@ -73,12 +73,15 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
     assert ensemble["final"]["opts"] == ["D2CT.AUGMENT.STUDENT.ENABLED", True]
     assert ensemble7["final"]["opts"] == ["D2CT.AUGMENT.STUDENT.ENABLED", True, "SEED", 7]
     assert configs["warmstart_labelled_seed7"]["final"]["opts"] == ["SEED", 7]
+    online = configs["mean_teacher"]["final"]["opts"]
+    assert online[online.index("D2CT.MEAN_TEACHER.UNLABELLED_DATASETS") + 1] == '("openkbp_unlabelled",)'
     # a control is the labelled-only run of the same start and schedule (the equal-compute pair)
     for variant, v in exp.variants.items():
         if v["control"]:
             control, cfg = configs[v["control"]], configs[variant]
             assert control["final"]["pseudo_labels"] is False, variant
-            assert cfg["final"]["pseudo_labels"] is (variant != "long_labelled_seed7"), variant  # a seed repeat
+            # a seed repeat, or an online teacher (no offline pseudo-labels)
+            assert cfg["final"]["pseudo_labels"] is (variant not in ("long_labelled_seed7", "mean_teacher")), variant
             if variant != "long_labelled_seed7":  # the same training seed on both sides of a pair
                 seed = [o["final"]["opts"][o["final"]["opts"].index("SEED") + 1] if "SEED" in o["final"]["opts"]
                         else None for o in (control, cfg)]
@@ -448,12 +451,17 @@ def test_phantom_variants_are_valid_demo_pipeline_configs(tmp_path):
         assert cfg["radiologists_dir"] == "output/demo/radiologists" and cfg["predict"]["score_threshold"] == "val"
         if v["control"]:
             control = configs[v["control"]]
-            assert control["final"]["pseudo_labels"] is False and cfg["final"]["pseudo_labels"] is True
+            online = "D2CT.MEAN_TEACHER.ENABLED" in cfg["final"]["opts"]  # pool labelled during training
+            assert control["final"]["pseudo_labels"] is False and cfg["final"]["pseudo_labels"] is (not online)
             assert control["final"]["init"] == cfg["final"]["init"] and control["final"]["config"] == cfg["final"]["config"]
-            seed = [o for o in cfg["final"]["opts"] if o == "SEED" or isinstance(o, int)]
-            assert seed == [o for o in control["final"]["opts"] if o == "SEED" or isinstance(o, int)], variant
-            assert ("D2CT.AUGMENT.STUDENT.ENABLED" in cfg["final"]["opts"]) == (
-                "D2CT.AUGMENT.STUDENT.ENABLED" in control["final"]["opts"]), variant
+            seeds = [[v for k, v in zip(c["final"]["opts"][::2], c["final"]["opts"][1::2]) if k == "SEED"]
+                     for c in (cfg, control)]
+            assert seeds[0] == seeds[1], variant
+            if online:  # the strong policy makes the pool's strong views; labelled slices get the control's
+                assert "all" not in cfg["final"]["opts"] and "D2CT.AUGMENT.STUDENT.ENABLED" not in control["final"]["opts"]
+            else:
+                assert ("D2CT.AUGMENT.STUDENT.ENABLED" in cfg["final"]["opts"]) == (
+                    "D2CT.AUGMENT.STUDENT.ENABLED" in control["final"]["opts"]), variant
 
 
 def test_prepare_holdout_leaves_the_phantom_to_the_pipeline(tmp_path, monkeypatch):

@@ -73,6 +73,21 @@ def add_d2ct_config(cfg: CN) -> CN:
     # structures of a human-labelled training slice pasted onto the slice (Ghiasi et al. 2021)
     _C.D2CT.AUGMENT.STUDENT.COPY_PASTE_PROB = 0.5
 
+    # Online teacher-student training (d2ct.engine.mean_teacher): an EMA of the student labels
+    # weak views of the pool each step, the student learns them on strong views (the student policy
+    # above, which must be ENABLED). Off by default; the offline pseudo-labels are the method's.
+    _C.D2CT.MEAN_TEACHER = CN()
+    _C.D2CT.MEAN_TEACHER.ENABLED = False
+    _C.D2CT.MEAN_TEACHER.UNLABELLED_DATASETS = ()  # e.g. ("openkbp_unlabelled",)
+    _C.D2CT.MEAN_TEACHER.EMA_DECAY = 0.999
+    _C.D2CT.MEAN_TEACHER.SCORE_THRESHOLD = 0.7  # a teacher's instance becomes a target from this score
+    _C.D2CT.MEAN_TEACHER.UNSUP_WEIGHT = 1.0  # times each unlabelled loss
+    # Unbiased Teacher's choice: classification only (pseudo boxes are too rough to regress to);
+    # the mask loss teaches the student the teacher's outlines
+    _C.D2CT.MEAN_TEACHER.UNSUP_LOSSES = ["loss_rpn_cls", "loss_cls", "loss_mask"]
+    _C.D2CT.MEAN_TEACHER.BURN_IN_ITERS = 0  # labelled-only steps first (0 for a warm start)
+    _C.D2CT.MEAN_TEACHER.MIN_AREA = 5  # pixels a pseudo-instance keeps in the strong view
+
     # Turning instances into one label map per slice (evaluation, prediction, submission).
     _C.D2CT.POSTPROCESS = CN()
     _C.D2CT.POSTPROCESS.SCORE_THRESHOLD = 0.5

@@ -98,6 +98,9 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, freeze: bool
     from d2ct.modeling import apply_pseudo_negatives  # registers d2ct's model parts with Detectron2
 
     apply_pseudo_negatives(cfg)
+    from d2ct.engine.mean_teacher import check_mean_teacher
+
+    check_mean_teacher(cfg)
     if freeze:
         cfg.freeze()
     return cfg

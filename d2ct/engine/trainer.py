@@ -145,12 +145,26 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        # D2CT.MEAN_TEACHER: an EMA teacher labels the pool online (d2ct.engine.mean_teacher); its
+        # weights are set from the student's in resume_or_load, and saved in every checkpoint
+        self.teacher = None
+        if cfg.D2CT.MEAN_TEACHER.ENABLED:
+            from .mean_teacher import make_teacher
+
+            self.teacher = make_teacher(model)
         model = wrap_ddp(model, cfg.MODEL.DEVICE)
-        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
+        if self.teacher is not None:
+            from .mean_teacher import MeanTeacherStep, build_unlabelled_loader
+
+            self._trainer = MeanTeacherStep(model, data_loader, build_unlabelled_loader(cfg), optimizer,
+                                            self.teacher, cfg, bf16=precision.use_cpu_bf16(cfg))
+        else:
+            self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
         logger.info("Training step: %s%s", type(self._trainer).__name__,
                     ", channels-last" if cfg.D2CT.CHANNELS_LAST and cfg.MODEL.DEVICE.startswith("cpu") else "")
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                               **({"mean_teacher": self.teacher} if self.teacher is not None else {}))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -206,6 +220,9 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
+        if self.teacher is not None and self.start_iter == 0:  # a new run: the teacher starts as the student
+            student = getattr(self.model, "module", self.model)
+            self.teacher.load_state_dict(student.state_dict())
         if resume and self.start_iter > 0:
             logger.info("Resumed from %s at iteration %d of %d",
                         self.checkpointer.get_checkpoint_file(), self.start_iter, self.max_iter)
