@@ -97,7 +97,8 @@ def test_two_view_mapper_makes_the_strong_view_from_the_weak_one(tiny_phantom):
 @pytest.mark.timeout(900)
 def test_a_tiny_mean_teacher_run_trains_and_resumes_with_its_teacher(tiny_phantom, tmp_path):
     opts = [*MT, "D2CT.MEAN_TEACHER.SCORE_THRESHOLD", "0.0", "D2CT.MEAN_TEACHER.EMA_DECAY", "0.5",
-            "D2CT.AUGMENT.STUDENT.COPY_PASTE_PROB", "0.0", "SOLVER.CHECKPOINT_PERIOD", "2"]
+            "D2CT.AUGMENT.STUDENT.COPY_PASTE_PROB", "0.0", "SOLVER.CHECKPOINT_PERIOD", "2",
+            "DATALOADER.NUM_WORKERS", "1"]  # labelled slices read by a worker process, as in real runs
     out = train_tiny(DEMO, tiny_phantom, tmp_path / "mt", *opts)
     rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if "loss_cls_unsup" in line]
     assert rows and all(np.isfinite(r["loss_cls_unsup"]) and "loss_box_reg_unsup" not in r for r in rows)

@@ -102,9 +102,11 @@ def build_unlabelled_loader(cfg):
     if not dicts:
         raise ConfigError(f"D2CT.MEAN_TEACHER.UNLABELLED_DATASETS {list(cfg.D2CT.MEAN_TEACHER.UNLABELLED_DATASETS)} "
                           "hold no slices")
+    # read in the main process: a second loader's worker processes forked beside the first one's
+    # hung the first step (seen with DATALOADER.NUM_WORKERS 2); two views of a slice cost
+    # milliseconds next to the teacher's and the student's passes
     return build_detection_train_loader(dataset=dicts, mapper=TwoViewMapper(cfg, is_train=True),
-                                        total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
-                                        num_workers=cfg.DATALOADER.NUM_WORKERS)
+                                        total_batch_size=cfg.SOLVER.IMS_PER_BATCH, num_workers=0)
 
 
 def pseudo_instances(found: Instances, strong_transforms, strong_size: tuple[int, int], threshold: float,
