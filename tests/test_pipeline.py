@@ -322,6 +322,22 @@ def test_control_trains_on_the_labelled_split_with_the_students_start(tmp_path, 
     plain = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", [f"output_dir={tmp_path / 'run'}"]))
     assert "control" not in plain._stage_settings("final")["final"]["final"]
     assert pipe._stage_settings("final")["final"]["final"]["control"] is True
+    # an online teacher (D2CT.MEAN_TEACHER) learns the pool without pseudo-label files: its control
+    # is the same training with the online teacher off
+    online = ["final.pseudo_labels=false", "final.control=true", f"output_dir={tmp_path / 'online'}",
+              "final.opts=[D2CT.AUGMENT.STUDENT.ENABLED, True, D2CT.MEAN_TEACHER.ENABLED, True, "
+              "D2CT.MEAN_TEACHER.UNLABELLED_DATASETS, '(\"phantom_unlabelled\",)']"]
+    pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", online))
+    calls.clear()
+    monkeypatch.setattr(pipe, "train", lambda config, out, train_sets, pseudo=None, model_opts=None:
+                        calls.append((out.name, train_sets, pseudo, model_opts)) or out)
+    monkeypatch.setattr(pipe, "final_init_weights", lambda round_: "start.pth")
+    monkeypatch.setattr(pipe, "_pseudolabel", lambda round_: folder)
+    pipe.stage_final()
+    mt = ["D2CT.AUGMENT.STUDENT.ENABLED", True, "D2CT.MEAN_TEACHER.ENABLED", True,
+          "D2CT.MEAN_TEACHER.UNLABELLED_DATASETS", '("phantom_unlabelled",)', "MODEL.WEIGHTS", "start.pth"]
+    assert calls == [("student_r1", ["phantom_train"], None, mt),
+                     ("control_r1", ["phantom_train"], None, mt + ["D2CT.MEAN_TEACHER.ENABLED", False])]
     for bad, match in ((["final.control=2"], "final.control must be true or false"),
                        (["final.control=true", "final.pseudo_labels=false"], "the student is that control")):
         with pytest.raises(ConfigError, match=match):

@@ -75,6 +75,17 @@ DEFAULTS: dict[str, Any] = {
     "opts": [],  # KEY VALUE overrides applied to every training config (before each model's own opts)
 }
 
+def online_teacher(cfg: dict) -> bool:
+    """Whether the students learn the pool online (``D2CT.MEAN_TEACHER.ENABLED`` set true in the
+    pipeline's opts or final.opts; the last setting wins)."""
+    value = False
+    for opts in (cfg.get("opts") or [], cfg["final"].get("opts") or []):
+        for key, v in zip(opts[::2], opts[1::2]):
+            if key == "D2CT.MEAN_TEACHER.ENABLED":
+                value = str(v).strip().lower() == "true"
+    return value
+
+
 RADIOLOGIST_KEYS = ("name", "config", "dir", "threshold", "opts")
 # model names the pipeline gives its own models (final, final_r2, ...) and the baseline
 RESERVED_NAMES = ("baseline",)
@@ -277,7 +288,7 @@ def validate(cfg: dict, source: str) -> None:
     if init not in ("scratch", "best") and init not in names:
         raise ConfigError(f"{source}: final.init must be scratch, best or a radiologist's name "
                           f"({', '.join(sorted(names))}), got {init!r}")
-    if cfg["final"]["control"] and cfg["final"]["pseudo_labels"] is False:
+    if cfg["final"]["control"] and cfg["final"]["pseudo_labels"] is False and not online_teacher(cfg):
         raise ConfigError(f"{source}: final.control trains a labelled-only control next to a student that "
                           "learns from pseudo-labels; with final.pseudo_labels false the student is that control")
     if not isinstance(cfg["final"]["pseudo_labels"], bool):

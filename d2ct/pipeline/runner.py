@@ -41,7 +41,7 @@ import numpy as np
 from d2ct.errors import D2CTError, DataError
 from d2ct.utils.fileio import atomic_write_json, atomic_write_text, read_json
 
-from .config import STAGES
+from .config import STAGES, online_teacher
 from .provenance import claim_folder, file_sha256, fingerprint
 
 logger = logging.getLogger("d2ct.pipeline")
@@ -504,8 +504,9 @@ class Pipeline:
                 opts += ["MODEL.WEIGHTS", weights]
             train_sets, pseudo = [f"{self.name}_train"], None
             if not self.cfg["final"]["pseudo_labels"]:
-                logger.info("round %d: final.pseudo_labels is false: the student trains on the labelled "
-                            "images only", round_)
+                logger.info("round %d: final.pseudo_labels is false: the student trains on the labelled images%s",
+                            round_, ", and on the pool through its online teacher (D2CT.MEAN_TEACHER)"
+                            if online_teacher(self.cfg) else " only")
             elif read_json(folder / "stats.json")["labelled_images"] == 0:
                 logger.warning("round %d: no pool image kept a pseudo-label above the thresholds; the student "
                                "trains on the labelled images only", round_)
@@ -522,8 +523,9 @@ class Pipeline:
                 # equal compute: the student's config, opts and start; the labelled split alone
                 logger.info("round 1: training %s, the student's labelled-only control (final.control)",
                             self.control_name())
+                control_opts = opts + (["D2CT.MEAN_TEACHER.ENABLED", False] if online_teacher(self.cfg) else [])
                 control = self.train(self.cfg["final"]["config"], self.out / self.control_name(),
-                                     [f"{self.name}_train"], None, model_opts=opts)
+                                     [f"{self.name}_train"], None, model_opts=control_opts)
                 outputs[self.control_name()] = str(control)
         return outputs
 
