@@ -94,25 +94,19 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
                                "strong_teacher": ["second_generation", "second_generation_labelled"]}
 
 
-def test_variants_file_errors_name_the_problem(tmp_path):
+@pytest.mark.parametrize("text, match", [
+    ("variants:\n  a: {sets: [final.init=best], control: nope}\n", "a.control names 'nope', which is not a variant"),
+    ("variants:\n  a: {sets: [\"radiologists=[{name: t, dir: '@b/student_r1'}]\"]}\n", "a.sets names 'b'"),
+    ("variants:\n  a: {sets: [final.init]}\n", "KEY=VALUE"),
+    ("variants:\n  a: {sets: []}\npeers:\n  a: {args: [--seconds, 60]}\n",
+     "peer 'a': expected a name .* that no variant has"),
+    ("variants:\n  a: {sets: []}\npeers:\n  unet: {args: --seconds 60}\n", "peer 'unet'.*'args'"),
+    ("reference: x\nvariants:\n  a: {sets: []}\n", "reference names 'x'"),
+])
+def test_variants_file_errors_name_the_problem(tmp_path, text, match):
     bad = tmp_path / "v.yaml"
-    bad.write_text("variants:\n  a: {sets: [final.init=best], control: nope}\n")
-    with pytest.raises(SystemExit, match="a.control names 'nope', which is not a variant"):
-        run.load_variants(bad)
-    bad.write_text("variants:\n  a: {sets: [\"radiologists=[{name: t, dir: '@b/student_r1'}]\"]}\n")
-    with pytest.raises(SystemExit, match="a.sets names 'b'"):
-        run.load_variants(bad)
-    bad.write_text("variants:\n  a: {sets: [final.init]}\n")
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        run.load_variants(bad)
-    bad.write_text("variants:\n  a: {sets: []}\npeers:\n  a: {args: [--seconds, 60]}\n")
-    with pytest.raises(SystemExit, match="peer 'a': expected a name .* that no variant has"):
-        run.load_variants(bad)
-    bad.write_text("variants:\n  a: {sets: []}\npeers:\n  unet: {args: --seconds 60}\n")
-    with pytest.raises(SystemExit, match="peer 'unet'.*'args'"):
-        run.load_variants(bad)
-    bad.write_text("reference: x\nvariants:\n  a: {sets: []}\n")
-    with pytest.raises(SystemExit, match="reference names 'x'"):
+    bad.write_text(text)
+    with pytest.raises(SystemExit, match=match):
         run.load_variants(bad)
 
 

@@ -120,7 +120,7 @@ def pseudo_instances(found: Instances, strong_transforms, strong_size: tuple[int
     classes = found.pred_classes[keep].cpu()
     warped = [strong_transforms.apply_segmentation(m) for m in masks]
     warped = np.stack(warped) if warped else np.zeros((0, *strong_size), np.uint8)
-    big = warped.reshape(len(warped), -1).sum(1) >= max(min_area, 1) if len(warped) else np.zeros(0, bool)
+    big = warped.sum(axis=(1, 2)) >= max(min_area, 1)
     target = Instances(strong_size)
     bit = BitMasks(torch.from_numpy(warped[big] > 0))
     target.gt_masks = bit
@@ -175,12 +175,9 @@ class MeanTeacherStep(SimpleTrainer):
         found = self.teacher.inference([{"image": v["image"]} for v in views], do_postprocess=False)
         batch = []
         for view, inst in zip(views, found):
-            inst = inst.to("cpu")
-            if len(inst):
-                inst.pred_masks = paste_masks_in_image(inst.pred_masks[:, 0].float(), inst.pred_boxes,
-                                                       inst.image_size, threshold=0.5)
-            else:
-                inst.pred_masks = torch.zeros((0, *inst.image_size), dtype=torch.bool)
+            inst = inst.to("cpu")  # (no instances: an empty mask stack, as Detectron2's own postprocess)
+            inst.pred_masks = paste_masks_in_image(inst.pred_masks[:, 0].float(), inst.pred_boxes,
+                                                   inst.image_size, threshold=0.5)
             size = tuple(view["strong_image"].shape[1:])
             batch.append({"image": view["strong_image"],
                           "instances": pseudo_instances(inst, view["strong_transforms"], size, self.threshold,

@@ -174,14 +174,18 @@ def run_variant(exp: Experiment, variant: str) -> None:
     for other, folder in exp.needs(variant):
         if not (folder / "model_final.pth").exists():
             raise SystemExit(f"{variant} needs {folder} (a model of the run {other}): run --only {other} first")
-    cmd = command(exp, variant)
-    print(f"[openkbp] {variant}: $ {' '.join(cmd)}", flush=True)
+    _run_logged(variant, command(exp, variant), f"its logs: {exp.run_dir(variant) / 'logs'}")
+
+
+def _run_logged(name: str, cmd: list[str], on_failure: str = "") -> None:
+    """One run's subprocess, with its command line and time printed; a failure stops the driver."""
+    print(f"[openkbp] {name}: $ {' '.join(cmd)}", flush=True)
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"[openkbp] {variant}: tools/run_pipeline.py failed (exit {proc.returncode}); "
-                         f"its logs: {exp.run_dir(variant) / 'logs'}")
-    print(f"[openkbp] {variant}: done in {(time.time() - start) / 3600:.2f} h", flush=True)
+        raise SystemExit(f"[openkbp] {name}: {Path(cmd[1]).relative_to(ROOT)} failed (exit {proc.returncode})"
+                         + (f"; {on_failure}" if on_failure else ""))
+    print(f"[openkbp] {name}: done in {(time.time() - start) / 3600:.2f} h", flush=True)
 
 
 def peer_command(exp: Experiment, peer: str) -> list[str]:
@@ -204,13 +208,7 @@ def run_peer(exp: Experiment, peer: str) -> None:
     if (exp.peer_dir(peer) / "run.json").exists():
         print(f"[openkbp] {peer}: finished before ({exp.peer_dir(peer)})", flush=True)
         return
-    cmd = peer_command(exp, peer)
-    print(f"[openkbp] {peer}: $ {' '.join(cmd)}", flush=True)
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"[openkbp] {peer}: tools/train_unet.py failed (exit {proc.returncode})")
-    print(f"[openkbp] {peer}: done in {(time.time() - start) / 3600:.2f} h", flush=True)
+    _run_logged(peer, peer_command(exp, peer))
 
 
 def prepare_holdout(exp: Experiment, source: Path) -> None:

@@ -42,6 +42,12 @@ def _fmt(v, percent: bool = False) -> str:
     return "-" if v is None else f"{v:.1f}" if percent else f"{v:.3f}"
 
 
+def _cells(row: dict) -> list[str]:
+    """One score-table row's cells, in COLUMNS order."""
+    return [f"{row[k]:g}" if k == "threshold" and k in row else _fmt(row.get(k), k.startswith("AP") or k == "fg_px")
+            for k, _ in COLUMNS]
+
+
 def foreground_pixels(label_csv: Path) -> float | None:
     """Mean number of labelled (non-zero) pixels per slice of a challenge-layout label CSV."""
     if not label_csv.exists():
@@ -305,9 +311,7 @@ def table(exp) -> str:
             if i and not row["model"].startswith("student_r"):
                 continue  # the baseline and radiologists are the same in every run: shown once
             row = {**row, "fg_px": foreground_pixels(out / "predict" / f"{row['model']}.csv")}
-            cells = [f"{row[k]:g}" if k == "threshold" and k in row else _fmt(row.get(k), k.startswith("AP") or k == "fg_px")
-                     for k, _ in COLUMNS]
-            lines.append(f"| {variant} | {row['model']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {variant} | {row['model']} | " + " | ".join(_cells(row)) + " |")
         models = runs.pipeline(variant).models()
         curves += [(name, d) for name, d in models if i == 0 and not name.startswith("student_r")]
         curves += [(f"{variant} {name}", d) for name, d in models if name.startswith("student_r")]
@@ -323,8 +327,7 @@ def table(exp) -> str:
         folder = exp.peer_dir(peer)
         done = read_json(folder / "run.json")
         row = {**done.get("scores", {}), "fg_px": foreground_pixels(folder / "submission.csv")}
-        cells = [_fmt(row.get(k), k.startswith("AP") or k == "fg_px") for k, _ in COLUMNS]
-        lines.append(f"| {peer} (peer) | {peer} | " + " | ".join(cells) + " |")
+        lines.append(f"| {peer} (peer) | {peer} | " + " | ".join(_cells(row)) + " |")
         best = done.get("best", {})
         details += [f"{peer} (peer, `{folder}`): {done.get('iterations')} iterations in "
                     f"{done.get('seconds', 0) / 3600:.2f} h, best validation ARI "
