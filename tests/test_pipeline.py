@@ -276,14 +276,22 @@ def test_final_training_sets_follow_pseudo_labels_and_labelled_repeat(tmp_path, 
         calls = []
         monkeypatch.setattr(pipe, "train", lambda config, out, train_sets, pseudo=None, model_opts=None:
                             calls.append((train_sets, pseudo)) or out)
-        monkeypatch.setattr(pipe, "_pseudolabel", lambda round_: folder)
+        labelled_rounds.clear()
+        monkeypatch.setattr(pipe, "_pseudolabel", lambda round_: labelled_rounds.append(round_) or folder)
         pipe.stage_final()
         return calls
 
+    labelled_rounds = []
     pseudo = [str(folder / "pseudo_labels.json")]
     assert final_sets([]) == [(["phantom_train", "phantom_pseudo"], pseudo)]
+    assert labelled_rounds == [1]
     assert final_sets(["final.labelled_repeat=3"]) == [(["phantom_train"] * 3 + ["phantom_pseudo"], pseudo)]
     assert final_sets(["final.labelled_repeat=3", "final.pseudo_labels=false"]) == [(["phantom_train"], None)]
+    assert labelled_rounds == []  # a labelled-only run never labels the pool
+    pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", [f"output_dir={tmp_path / 'run'}",
+                                                                       "final.pseudo_labels=false"]))
+    monkeypatch.setattr(pipe, "_pseudolabel", lambda round_: pytest.fail("the pool was labelled"))
+    assert pipe.stage_pseudolabel() == {"pseudo_labels": None}
     assert final_sets(["final.labelled_repeat=3"], labelled_images=0) == [(["phantom_train"], None)]
     for bad in ("0", "two", "1.5", "true"):
         with pytest.raises(ConfigError, match="final.labelled_repeat must be a whole number of at least 1"):

@@ -172,7 +172,7 @@ def _round_rows(pipeline) -> list[str]:
         stats = read_json(folder / "stats.json") if (folder / "stats.json").exists() else {}
         student = pipeline.student_name(k)
         used = pipeline.cfg["final"]["pseudo_labels"]
-        rows.append(f"| {k} | {teachers} | `{folder.name}/`{'' if used else ' (not used: final.pseudo_labels false)'} | "
+        rows.append(f"| {k} | {teachers} | {f'`{folder.name}/`' if used else 'none (final.pseudo_labels false)'} | "
                     f"{stats.get('labelled_images', '-')} of {stats.get('pool_images', '-')} | "
                     f"{stats.get('instances', '-')} | `{student}/`{' (final)' if k == pipeline.rounds() else ''} | "
                     f"{_fmt(scores.get(student, {}).get('ARI'))} |")

@@ -448,6 +448,11 @@ class Pipeline:
         return out
 
     def stage_pseudolabel(self) -> dict:
+        if not self.cfg["final"]["pseudo_labels"]:
+            # a labelled-only run (or an online teacher): labelling the pool would cost the radiologists'
+            # inference over every pool slice for files no student reads
+            logger.info("final.pseudo_labels is false: the pool is not labelled (no student would use it)")
+            return {"pseudo_labels": None}
         out = self._pseudolabel(1)
         return {"pseudo_labels": str(out / "pseudo_labels.json"), "stats": read_json(out / "stats.json")}
 
@@ -497,7 +502,7 @@ class Pipeline:
     def stage_final(self) -> dict:
         outputs = {}
         for round_ in range(1, self.rounds() + 1):
-            folder = self._pseudolabel(round_)
+            folder = self._pseudolabel(round_) if self.cfg["final"]["pseudo_labels"] else None
             opts = list(self.cfg["final"]["opts"])
             weights = self.final_init_weights(round_)
             if weights:
