@@ -27,7 +27,8 @@ OLD_VARIANTS = ["main", "consensus", "rounds2", "thr05", "warmstart", "warmstart
                 "strong_teacher_seed7", "strong_teacher_labelled_seed7", "second_generation",
                 "second_generation_labelled"]
 # issue 23's variants, added after them
-NEW_VARIANTS = ["ensemble_student", "ensemble_student_seed7", "warmstart_labelled_seed7", "mean_teacher"]
+NEW_VARIANTS = ["ensemble_student", "ensemble_student_seed7", "warmstart_labelled_seed7", "mean_teacher",
+                "warmstart_labelled_walltime"]
 
 
 def _trained(folder: Path) -> Path:
@@ -89,6 +90,18 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
             for key in ("config", "init"):
                 assert control["final"][key] == cfg["final"][key], (variant, key)
             assert [r["name"] for r in control["radiologists"]] == [r["name"] for r in cfg["radiologists"]], variant
+    # a control of equal wall time: labelled-only, the same start and config, a longer schedule
+    from d2ct.config import setup_cfg
+
+    pairs = [(variant, other) for variant, v in exp.variants.items() for other in v["also_against"]]
+    assert pairs == [("mean_teacher", "warmstart_labelled_walltime")]
+    for variant, other in pairs:
+        control, cfg = configs[other], configs[variant]
+        assert control["final"]["pseudo_labels"] is False
+        assert (control["final"]["config"], control["final"]["init"]) == (cfg["final"]["config"], cfg["final"]["init"])
+        solver = [setup_cfg(c["final"]["config"], [str(o) for o in c["final"]["opts"]]).SOLVER for c in (cfg, control)]
+        assert solver[1].MAX_ITER > solver[0].MAX_ITER and solver[1].STEPS[-1] < solver[1].MAX_ITER
+        assert tuple(solver[1].STEPS) == (767, 1054)
     assert exp.taught_by() == {"long_labelled": ["strong_teacher", "strong_teacher_labelled", "strong_teacher_seed7",
                                                  "strong_teacher_labelled_seed7"],
                                "strong_teacher": ["second_generation", "second_generation_labelled"]}
@@ -102,6 +115,8 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
      "peer 'a': expected a name .* that no variant has"),
     ("variants:\n  a: {sets: []}\npeers:\n  unet: {args: --seconds 60}\n", "peer 'unet'.*'args'"),
     ("reference: x\nvariants:\n  a: {sets: []}\n", "reference names 'x'"),
+    ("variants:\n  a: {sets: [], also_against: [b]}\n", "a.also_against names 'b', which is not a variant"),
+    ("variants:\n  a: {sets: [], also_against: a}\n", "'also_against' must be a list"),
 ])
 def test_variants_file_errors_name_the_problem(tmp_path, text, match):
     bad = tmp_path / "v.yaml"
@@ -218,6 +233,8 @@ def test_tables_from_run_folders(tmp_path):
     _run(exp, "warmstart_rounds2", {"student_r1": [0.6] * 6, "student_r2": [0.2, 0.2, 0.2, 0.2, 0.8, 0.8]})
     _trained(exp.run_dir("long_labelled") / "student_r1")
     _run(exp, "strong_teacher", {"r50_2400": [0.7] * 6, "student_r1": [0.75] * 6})
+    _run(exp, "mean_teacher", {"student_r1": [0.62] * 6})
+    _run(exp, "warmstart_labelled_walltime", {"student_r1": [0.58] * 6})
     (first / "predict").mkdir()
     (first / "predict" / "r50.csv").write_text("pixel,0.png,1.png\n0,1,0\n1,2,0\n2,0,0\n3,0,3\n")
     (first / "predict" / "thresholds.json").write_text(json.dumps(
@@ -270,7 +287,10 @@ def test_tables_from_run_folders(tmp_path):
     # each run against its equal-compute control; taught runs against their teacher
     control = sections["Paired differences on the test slices: against long_labelled"]
     assert "| long_thr09 | student_r1 | -0.050 | [-0.050, -0.050] | 0 / 6 |" in control and "| warmstart |" not in control
-    assert "against warmstart_labelled" not in text  # the reference's section covers it
+    assert "against warmstart_labelled\n" not in text  # the reference's section covers it
+    # and against a control of equal wall time (also_against)
+    walltime = sections["Paired differences on the test slices: against warmstart_labelled_walltime"]
+    assert "| mean_teacher | student_r1 | +0.040 | [+0.040, +0.040] | 6 / 0 |" in walltime
     teacher = sections["Paired differences on the test slices: against their teacher, long_labelled student_r1"]
     assert "| strong_teacher | student_r1 | +0.050 |" in teacher
     best = sections["Paired differences on the test slices: every final model against the r50 radiologist"]

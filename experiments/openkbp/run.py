@@ -48,8 +48,8 @@ def _flat(items) -> list:
 
 
 def load_variants(path: Path = VARIANTS_FILE) -> dict:
-    """{"reference": name, "variants": {name: {"sets": [...], "control": name | None}}}, checked:
-    every control, reference and @-reference names a variant."""
+    """{"reference": name, "variants": {name: {"sets": [...], "control": name | None, "also_against":
+    [name, ...]}}}, checked: every control, also_against, reference and @-reference names a variant."""
     where = str(path)
     try:
         data = yaml.safe_load(Path(path).read_text())
@@ -59,16 +59,20 @@ def load_variants(path: Path = VARIANTS_FILE) -> dict:
         raise SystemExit(f"{where}: expected a mapping with a non-empty 'variants' mapping")
     variants = {}
     for name, v in data["variants"].items():
-        if not re.fullmatch(r"\w+", str(name)) or not isinstance(v, dict) or set(v) - {"sets", "control"}:
+        if not re.fullmatch(r"\w+", str(name)) or not isinstance(v, dict) or set(v) - {"sets", "control", "also_against"}:
             raise SystemExit(f"{where}: variant {name!r}: expected a name of letters, digits and _ with "
-                             "'sets' (a list of KEY=VALUE) and an optional 'control'")
+                             "'sets' (a list of KEY=VALUE), an optional 'control' and 'also_against'")
         sets = _flat(v.get("sets") or [])
         if not all(isinstance(s, str) and "=" in s for s in sets):
             raise SystemExit(f"{where}: variant {name}: every item of 'sets' must be a KEY=VALUE string")
-        variants[name] = {"sets": sets, "control": v.get("control")}
+        also = v.get("also_against") or []
+        if not isinstance(also, list):
+            raise SystemExit(f"{where}: variant {name}: 'also_against' must be a list of variant names")
+        variants[name] = {"sets": sets, "control": v.get("control"), "also_against": also}
     named = [("reference", data.get("reference"))] if data.get("reference") else []
     for name, v in variants.items():
         named += [(f"{name}.control", v["control"])] if v["control"] else []
+        named += [(f"{name}.also_against", other) for other in v["also_against"]]
         named += [(f"{name}.sets", m) for s in v["sets"] for m in REFERENCE.findall(s)]
     for what, other in named:
         if other not in variants:

@@ -156,9 +156,11 @@ def paired_sections(runs: Runs) -> list[str]:
                                   "## Paired differences on the test slices", "the labelled-only control")
     controls: dict[str, list[str]] = {}
     for variant in done:
-        control = exp.variants[variant]["control"]
-        if control and control != reference and control in done:
-            controls.setdefault(control, []).append(variant)
+        spec = exp.variants[variant]
+        # the equal-compute control, then any other labelled-only run it is paired with (equal wall time)
+        for control in [spec["control"], *spec.get("also_against", [])]:
+            if control and control != reference and control in done:
+                controls.setdefault(control, []).append(variant)
     for control, variants in controls.items():
         out += paired_differences(runs, (control, runs.final(control)), [(v, runs.final(v)) for v in variants],
                                   f"## Paired differences on the test slices: against {control}",
