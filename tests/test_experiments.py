@@ -240,9 +240,10 @@ def test_tables_from_run_folders(tmp_path):
     (first / "predict" / "thresholds.json").write_text(json.dumps(
         {"r50": {"threshold": 0.3, "chosen_on": "val", "val_ARI": {"0.3": 0.62, "0.5": 0.607}},
          "student_r1": {"threshold": 0.5, "chosen_on": "val", "val_ARI": {"0.3": 0.5, "0.5": 0.6}}}))
-    for folder, kept, aps in (("pseudolabels_r1", 7, (16.0, 9.5)), ("pseudolabels_r2", 6, None)):
-        (first / folder).mkdir()
-        (first / folder / "stats.json").write_text(json.dumps(
+    for run_dir, folder, kept, aps in ((first, "pseudolabels_r1", 7, (16.0, 9.5)), (first, "pseudolabels_r2", 6, None),
+                                       (exp.run_dir("warmstart_labelled"), "pseudolabels_r1", 5, None)):
+        (run_dir / folder).mkdir()
+        (run_dir / folder / "stats.json").write_text(json.dumps(
             {"mode": "partition", "labelled_images": kept, "pool_images": 8, "instances": 3 * kept,
              "instances_per_image": 3.0, "ignore_regions": 2,
              "radiologists": [{"name": n, "ap": a, "weight": 0.5} for n, a in zip(("r50", "r101"), aps or ())]}))
@@ -301,6 +302,7 @@ def test_tables_from_run_folders(tmp_path):
     kept = sections["Pseudo-labels"]
     assert "| warmstart | pseudolabels_r1 | partition | 7 of 8 | 21 | 3.00 | 2 |" in kept
     assert "| warmstart | pseudolabels_r2 | partition | 6 of 8 | 18 | 3.00 | 2 |" in kept
+    assert "| warmstart_labelled |" not in kept  # a labelled-only run's pool labels (older pipelines) went unread
     curves = sections["Validation during training"]
     assert "`r50`:" in curves and "| 300 | 2.0 | - | 0.250 |" in curves and "| 601 |" not in curves
 

@@ -205,6 +205,8 @@ def pseudo_label_counts(runs: Runs) -> list[str]:
     """What each run's pseudo-labelling kept of the pool (pseudolabels_r<k>/stats.json, every round)."""
     rows = []
     for variant in runs.done:
+        if not runs.pipeline(variant).cfg["final"]["pseudo_labels"]:
+            continue  # labelled-only or online: pool labels in its folder (made by older pipelines) went unread
         folders = sorted(runs.exp.run_dir(variant).glob("pseudolabels_r*/stats.json"), key=lambda p: int(p.parent.name[14:]))
         for stats in folders:
             s = read_json(stats)
