@@ -158,7 +158,7 @@ def paired_sections(runs: Runs) -> list[str]:
     for variant in done:
         spec = exp.variants[variant]
         # the equal-compute control, then any other labelled-only run it is paired with (equal wall time)
-        for control in [spec["control"], *spec.get("also_against", [])]:
+        for control in [spec["control"], *spec["also_against"]]:
             if control and control != reference and control in done:
                 controls.setdefault(control, []).append(variant)
     for control, variants in controls.items():
@@ -205,7 +205,7 @@ def pseudo_label_counts(runs: Runs) -> list[str]:
     """What each run's pseudo-labelling kept of the pool (pseudolabels_r<k>/stats.json, every round)."""
     rows = []
     for variant in runs.done:
-        if not runs.pipeline(variant).cfg["final"]["pseudo_labels"]:
+        if not runs.cfg(variant)["final"]["pseudo_labels"]:
             continue  # labelled-only or online: pool labels in its folder (made by older pipelines) went unread
         folders = sorted(runs.exp.run_dir(variant).glob("pseudolabels_r*/stats.json"), key=lambda p: int(p.parent.name[14:]))
         for stats in folders:
