@@ -112,7 +112,7 @@ def test_segment_files_parallel_matches_serial_and_csv_reads_back(phantom_root, 
     out = tmp_path / "sub.csv.gz"
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "baseline.py"), "--images", str(img_dir), "--out", str(out),
                         "--preset", "clahe_tv", "--workers", "2", "--quiet"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr  # the pool's workers end quietly
     table = read_labels_csv(out)
     assert table.names == list_slices(img_dir)
     np.testing.assert_array_equal(table.values[:4].reshape(serial.shape), serial)

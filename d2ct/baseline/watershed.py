@@ -60,6 +60,7 @@ from skimage.filters import rank
 from skimage.morphology import disk
 
 from d2ct.errors import ConfigError, DataError
+from d2ct.utils.cli import init_pool_worker
 
 __all__ = [
     "BaselineConfig",
@@ -277,7 +278,7 @@ def segment_files(
         else:
             ctx = get_context("fork") if hasattr(os, "fork") else get_context()
             chunk = max(1, min(16, len(jobs) // (workers * 4)))
-            with ctx.Pool(workers) as pool:
+            with ctx.Pool(workers, initializer=init_pool_worker) as pool:
                 for m in pool.imap(_segment_path, jobs, chunksize=chunk):
                     out.append(m)
                     bar.update()

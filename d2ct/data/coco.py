@@ -29,6 +29,7 @@ from scipy import ndimage
 from detectron2.structures import BoxMode
 
 from d2ct.errors import DataError
+from d2ct.utils.cli import init_pool_worker
 from d2ct.utils.masks import encode_masks
 
 logger = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ def dataset_dicts(
         chunksize = max(1, min(32, len(items) // (workers * 8)))
         out = []
         try:
-            with ctx.Pool(workers, initializer=init, initargs=initargs) as pool:
+            with ctx.Pool(workers, initializer=init_pool_worker, initargs=(init, initargs)) as pool:
                 for record in pool.imap(_worker_task, items, chunksize=chunksize):
                     out.append(record)
                     if bar is not None:

@@ -47,6 +47,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def init_pool_worker(init: Callable[..., Any] | None = None, initargs: tuple = ()) -> None:
+    """Initializer for a ``multiprocessing.Pool`` started inside a command: a forked worker inherits
+    :func:`sigterm_as_interrupt`'s handler, so the SIGTERM of ``Pool.terminate()`` (every ``with
+    Pool(...)`` block ends with it) would raise KeyboardInterrupt in each idle worker and print its
+    traceback. Workers die on SIGTERM as usual and ignore Ctrl-C (the parent gets it, stops and
+    terminates them); then ``init(*initargs)``, the pool's own initializer, if any."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if init is not None:
+        init(*initargs)
+
+
 def run_cli(body: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Run a command's ``body(*args, **kwargs)`` and return its exit status: the int it returns
     (``None`` or anything else: 0), or
