@@ -460,7 +460,17 @@ def test_phantom_variants_are_valid_demo_pipeline_configs(tmp_path):
     spec = run.load_variants(ROOT / "experiments" / "phantom" / "variants.yaml")
     exp = run.Experiment(runs=tmp_path / "runs", config="configs/demo/pipeline.yaml", spec=spec,
                          predict_threshold="val", extra=["radiologists_dir=output/demo/radiologists"])
+    for variant in exp.variants:  # the models other variants name by "@<variant>/..."
+        for _, folder in exp.needs(variant):
+            _trained(folder)
     configs = {v: exp.pipeline_config(v) for v in exp.variants}
+    # the strong teachers: the two 1,690-iteration labelled-only students, fused
+    strong = configs["strong_ensemble_noisy"]
+    assert [r["dir"] for r in strong["radiologists"]] == [
+        str(tmp_path / "runs" / v / "student_r1") for v in ("warm_labelled_1690", "warm_labelled_1690_seed7")]
+    assert strong["pseudolabel"]["mode"] == "ensemble" and {r["threshold"] for r in strong["radiologists"]} == {0.6}
+    assert exp.taught_by()["warm_labelled_1690"] == ["strong_ensemble_noisy", "strong_labelled",
+                                                     "strong_ensemble_noisy_seed7", "strong_labelled_seed7"]
     assert spec["reference"] in configs and spec["title"].startswith("Students and their equal-compute controls")
     for variant, v in exp.variants.items():
         cfg = configs[variant]
