@@ -470,7 +470,10 @@ def test_phantom_variants_are_valid_demo_pipeline_configs(tmp_path):
         str(tmp_path / "runs" / v / "student_r1") for v in ("warm_labelled_1690", "warm_labelled_1690_seed7")]
     assert strong["pseudolabel"]["mode"] == "ensemble" and {r["threshold"] for r in strong["radiologists"]} == {0.6}
     assert exp.taught_by()["warm_labelled_1690"] == ["strong_ensemble_noisy", "strong_labelled",
-                                                     "strong_ensemble_noisy_seed7", "strong_labelled_seed7"]
+                                                     "strong_ensemble_noisy_seed7", "strong_labelled_seed7",
+                                                     "strong_ensemble_noisy_posonly",
+                                                     "strong_ensemble_noisy_posonly_seed7"]
+    assert configs["strong_ensemble_noisy_posonly"]["final"]["opts"][:2] == ["D2CT.PSEUDO_NEGATIVES", "ignore"]
     assert spec["reference"] in configs and spec["title"].startswith("Students and their equal-compute controls")
     for variant, v in exp.variants.items():
         cfg = configs[variant]
