@@ -39,6 +39,13 @@ def _trained(folder: Path) -> Path:
     return folder
 
 
+def _train_named_models(exp: run.Experiment) -> None:
+    """Stand-ins for the models variants name by "@<variant>/..." (their configs check they exist)."""
+    for variant in exp.variants:
+        for _, folder in exp.needs(variant):
+            _trained(folder)
+
+
 def _experiment(tmp_path: Path, subset=None, **kw) -> run.Experiment:
     teachers = run.radiologist_subset("configs/cpu/pipeline_openkbp.yaml", subset)
     return run.Experiment(runs=tmp_path / "runs", teachers=teachers, **kw)
@@ -48,9 +55,7 @@ def _experiment(tmp_path: Path, subset=None, **kw) -> run.Experiment:
 def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
     exp = _experiment(tmp_path, subset, predict_threshold="val")
     assert list(exp.variants) == OLD_VARIANTS + NEW_VARIANTS and exp.spec["reference"] == "warmstart_labelled"
-    for variant in exp.variants:  # the models other variants name by "@<variant>/..."
-        for _, folder in exp.needs(variant):
-            _trained(folder)
+    _train_named_models(exp)
     names = [r["name"] for r in exp.teachers] if subset else ["r50", "r101", "x101"]
     configs = {}
     for variant in exp.variants:
@@ -460,9 +465,7 @@ def test_phantom_variants_are_valid_demo_pipeline_configs(tmp_path):
     spec = run.load_variants(ROOT / "experiments" / "phantom" / "variants.yaml")
     exp = run.Experiment(runs=tmp_path / "runs", config="configs/demo/pipeline.yaml", spec=spec,
                          predict_threshold="val", extra=["radiologists_dir=output/demo/radiologists"])
-    for variant in exp.variants:  # the models other variants name by "@<variant>/..."
-        for _, folder in exp.needs(variant):
-            _trained(folder)
+    _train_named_models(exp)
     configs = {v: exp.pipeline_config(v) for v in exp.variants}
     # the strong teachers: the two 1,690-iteration labelled-only students, fused
     strong = configs["strong_ensemble_noisy"]
