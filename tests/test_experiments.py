@@ -28,7 +28,7 @@ OLD_VARIANTS = ["main", "consensus", "rounds2", "thr05", "warmstart", "warmstart
                 "second_generation_labelled"]
 # issue 23's variants, added after them
 NEW_VARIANTS = ["ensemble_student", "ensemble_student_seed7", "warmstart_labelled_seed7", "mean_teacher",
-                "warmstart_labelled_walltime"]
+                "mean_teacher_seed7", "warmstart_labelled_walltime", "warmstart_labelled_walltime_seed7"]
 
 
 def _trained(folder: Path) -> Path:
@@ -81,13 +81,18 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
     assert configs["warmstart_labelled_seed7"]["final"]["opts"] == ["SEED", 7]
     online = configs["mean_teacher"]["final"]["opts"]
     assert online[online.index("D2CT.MEAN_TEACHER.UNLABELLED_DATASETS") + 1] == '("openkbp_unlabelled",)'
+    # the seed-7 repeats differ from their seed-42 runs by the seed alone
+    assert configs["mean_teacher_seed7"]["final"]["opts"] == online + ["SEED", 7]
+    assert (configs["warmstart_labelled_walltime_seed7"]["final"]["opts"]
+            == configs["warmstart_labelled_walltime"]["final"]["opts"] + ["SEED", 7])
     # a control is the labelled-only run of the same start and schedule (the equal-compute pair)
     for variant, v in exp.variants.items():
         if v["control"]:
             control, cfg = configs[v["control"]], configs[variant]
             assert control["final"]["pseudo_labels"] is False, variant
             # a seed repeat, or an online teacher (no offline pseudo-labels)
-            assert cfg["final"]["pseudo_labels"] is (variant not in ("long_labelled_seed7", "mean_teacher")), variant
+            online_or_seed = ("long_labelled_seed7", "mean_teacher", "mean_teacher_seed7")
+            assert cfg["final"]["pseudo_labels"] is (variant not in online_or_seed), variant
             if variant != "long_labelled_seed7":  # the same training seed on both sides of a pair
                 seed = [o["final"]["opts"][o["final"]["opts"].index("SEED") + 1] if "SEED" in o["final"]["opts"]
                         else None for o in (control, cfg)]
@@ -99,10 +104,12 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
     from d2ct.config import setup_cfg
 
     pairs = [(variant, other) for variant, v in exp.variants.items() for other in v["also_against"]]
-    assert pairs == [("mean_teacher", "warmstart_labelled_walltime")]
+    assert pairs == [("mean_teacher", "warmstart_labelled_walltime"),
+                     ("mean_teacher_seed7", "warmstart_labelled_walltime_seed7")]
     for variant, other in pairs:
         control, cfg = configs[other], configs[variant]
         assert control["final"]["pseudo_labels"] is False
+        assert ("SEED" in control["final"]["opts"]) == ("SEED" in cfg["final"]["opts"]), variant
         assert (control["final"]["config"], control["final"]["init"]) == (cfg["final"]["config"], cfg["final"]["init"])
         solver = [setup_cfg(c["final"]["config"], [str(o) for o in c["final"]["opts"]]).SOLVER for c in (cfg, control)]
         assert solver[1].MAX_ITER > solver[0].MAX_ITER and solver[1].STEPS[-1] < solver[1].MAX_ITER
