@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -129,12 +130,34 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
     ("reference: x\nvariants:\n  a: {sets: []}\n", "reference names 'x'"),
     ("variants:\n  a: {sets: [], also_against: [b]}\n", "a.also_against names 'b', which is not a variant"),
     ("variants:\n  a: {sets: [], also_against: a}\n", "'also_against' must be a list"),
+    ("variants:\n  a: {sets: [final.init=best, 'final.opts+=[SEED, 7]']}\n",
+     "variant a: 'final.opts\\+=\\[SEED, 7\\]' appends to final.opts, which no earlier item"),
+    ("variants:\n  a: {sets: [final.init=best, 'final.init+=[x]']}\n", "final.init\\+=: 'best' is not a \\[list\\]"),
+    ("variants:\n  a: {sets: ['final.opts=[SEED, 7]', final.opts+=SEED]}\n", "'SEED' is not a \\[list\\]"),
 ])
 def test_variants_file_errors_name_the_problem(tmp_path, text, match):
     bad = tmp_path / "v.yaml"
     bad.write_text(text)
     with pytest.raises(SystemExit, match=match):
         run.load_variants(bad)
+
+
+def test_variants_append_to_an_aliased_list(tmp_path):
+    """``KEY+=[...]`` extends the last KEY=[...] before it (through YAML aliases, chained), the quoting
+    of each part kept; an empty list on either side; the other items and their order untouched."""
+    f = tmp_path / "v.yaml"
+    f.write_text(
+        "variants:\n"
+        "  a: {sets: &a [final.init=best, \"final.opts=[X, '(\\\"p\\\",)']\", final.pseudo_labels=false]}\n"
+        "  b: {sets: &b [*a, 'final.opts+=[SOLVER.MAX_ITER, 9]']}\n"
+        "  c: {sets: [*b, 'final.opts+=[SEED, 7]']}\n"
+        "  d: {sets: ['final.opts=[]', 'final.opts+=[SEED, 7]', 'final.opts=[Y, 1]', 'final.opts+=[]']}\n")
+    v = run.load_variants(f)["variants"]
+    assert v["a"]["sets"] == ["final.init=best", "final.opts=[X, '(\"p\",)']", "final.pseudo_labels=false"]
+    assert v["b"]["sets"] == ["final.init=best", "final.opts=[X, '(\"p\",)', SOLVER.MAX_ITER, 9]", "final.pseudo_labels=false"]
+    assert v["c"]["sets"][1] == "final.opts=[X, '(\"p\",)', SOLVER.MAX_ITER, 9, SEED, 7]"
+    assert yaml.safe_load(v["c"]["sets"][1].split("=", 1)[1]) == ["X", '("p",)', "SOLVER.MAX_ITER", 9, "SEED", 7]
+    assert v["d"]["sets"] == ["final.opts=[SEED, 7]", "final.opts=[Y, 1]"]
 
 
 @pytest.fixture

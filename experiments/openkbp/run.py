@@ -47,6 +47,36 @@ def _flat(items) -> list:
     return [x for item in items for x in (_flat(item) if isinstance(item, list) else [item])]
 
 
+def _fold_appends(sets: list[str], where: str) -> list[str]:
+    """``KEY+=[...]`` items merged into the last ``KEY=[...]`` before them, so a variant can reuse
+    another's sets (a YAML alias) and add to its list: ``[*mean_teacher, "final.opts+=[SEED, 7]"]``.
+    The lists are joined as text (the quoting of each part kept); the pipeline gets one KEY=[...]."""
+    out: list[str] = []
+    for item in sets:
+        key, value = item.split("=", 1)
+        if not key.endswith("+"):
+            out.append(item)
+            continue
+        key = key[:-1]
+        earlier = [i for i, s in enumerate(out) if s.split("=", 1)[0] == key]
+        if not earlier:
+            raise SystemExit(f"{where}: {item!r} appends to {key}, which no earlier item of its sets gives")
+        base = out[earlier[-1]].split("=", 1)[1]
+        parsed = []
+        for text in (base, value):
+            try:
+                parsed.append(yaml.safe_load(text))
+            except yaml.YAMLError:
+                parsed.append(None)
+            if not isinstance(parsed[-1], list):
+                raise SystemExit(f"{where}: {key}+=: {text!r} is not a [list] (only lists can be appended to)")
+        joined = (base.strip()[:-1].rstrip() + ", " + value.strip()[1:].lstrip()) if parsed[0] and parsed[1] else (
+            base if parsed[0] else value)
+        assert yaml.safe_load(joined) == parsed[0] + parsed[1], (base, value)
+        out[earlier[-1]] = f"{key}={joined}"
+    return out
+
+
 def load_variants(path: Path = VARIANTS_FILE) -> dict:
     """{"reference": name, "variants": {name: {"sets": [...], "control": name | None, "also_against":
     [name, ...]}}}, checked: every control, also_against, reference and @-reference names a variant."""
@@ -65,6 +95,7 @@ def load_variants(path: Path = VARIANTS_FILE) -> dict:
         sets = _flat(v.get("sets") or [])
         if not all(isinstance(s, str) and "=" in s for s in sets):
             raise SystemExit(f"{where}: variant {name}: every item of 'sets' must be a KEY=VALUE string")
+        sets = _fold_appends(sets, f"{where}: variant {name}")
         also = v.get("also_against") or []
         if not isinstance(also, list):
             raise SystemExit(f"{where}: variant {name}: 'also_against' must be a list of variant names")
