@@ -130,9 +130,19 @@ def test_run_cli_statuses(capsys):
         run_cli(lambda: 1 / 0)
 
 
+def default_sigint() -> None:
+    """Popen's preexec_fn: the child starts with Ctrl-C's default disposition, as from a terminal. A
+    shell's background job (``make test &``) ignores SIGINT, and an ignored signal stays ignored
+    across exec, so Python would never raise KeyboardInterrupt and a Ctrl-C test would hang."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _python_snippet(code: str, **kwargs) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
+                            preexec_fn=default_sigint, **kwargs)
 
 
 def test_run_cli_ctrl_c_and_closed_pipe_in_a_real_process():

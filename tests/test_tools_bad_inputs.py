@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TINY_OPTS, run_tool
+from tests.test_entry_points import default_sigint
 
 SAMPLE = ROOT / "datasets" / "sample"
 
@@ -249,7 +250,7 @@ def test_a_signalled_run_leaves_the_previous_output_or_none(tmp_path, signum, pr
         out.write_text(previous)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(out)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     assert proc.stdout.readline() == "ready\n"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
