@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+
+
+def default_sigint() -> None:
+    """Popen's preexec_fn: the child starts with Ctrl-C's default disposition, as from a terminal. A
+    shell's background job (``make test &``) ignores SIGINT, and an ignored signal stays ignored
+    across exec, so Python would never raise KeyboardInterrupt and a Ctrl-C test would hang."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 # Overrides that make any d2ct config train in seconds on the CPU: tiny slices, 2 images per step.
 TINY_OPTS = [

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, TINY_OPTS
+from .conftest import ROOT, TINY_OPTS, default_sigint
 
 SETUP = ROOT / "setup.py"
 TOOLS_DIR = ROOT / "tools"
@@ -128,15 +128,6 @@ def test_run_cli_statuses(capsys):
     assert run_cli(lambda: (_ for _ in ()).throw(ConfigError("--x: bad"))) == 2
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         run_cli(lambda: 1 / 0)
-
-
-def default_sigint() -> None:
-    """Popen's preexec_fn: the child starts with Ctrl-C's default disposition, as from a terminal. A
-    shell's background job (``make test &``) ignores SIGINT, and an ignored signal stays ignored
-    across exec, so Python would never raise KeyboardInterrupt and a Ctrl-C test would hang."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _python_snippet(code: str, **kwargs) -> subprocess.Popen:

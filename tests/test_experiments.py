@@ -40,6 +40,12 @@ def _trained(folder: Path) -> Path:
     return folder
 
 
+def _seed(cfg: dict):
+    """The training seed a pipeline config's final.opts give (None: the config's own)."""
+    opts = cfg["final"]["opts"]
+    return [v for k, v in zip(opts[::2], opts[1::2]) if k == "SEED"] or None
+
+
 def _train_named_models(exp: run.Experiment) -> None:
     """Stand-ins for the models variants name by "@<variant>/..." (their configs check they exist)."""
     for variant in exp.variants:
@@ -95,9 +101,7 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
             online_or_seed = ("long_labelled_seed7", "mean_teacher", "mean_teacher_seed7")
             assert cfg["final"]["pseudo_labels"] is (variant not in online_or_seed), variant
             if variant != "long_labelled_seed7":  # the same training seed on both sides of a pair
-                seed = [o["final"]["opts"][o["final"]["opts"].index("SEED") + 1] if "SEED" in o["final"]["opts"]
-                        else None for o in (control, cfg)]
-                assert seed[0] == seed[1], (variant, seed)
+                assert _seed(control) == _seed(cfg), (variant, _seed(control), _seed(cfg))
             for key in ("config", "init"):
                 assert control["final"][key] == cfg["final"][key], (variant, key)
             assert [r["name"] for r in control["radiologists"]] == [r["name"] for r in cfg["radiologists"]], variant
@@ -110,7 +114,7 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
     for variant, other in pairs:
         control, cfg = configs[other], configs[variant]
         assert control["final"]["pseudo_labels"] is False
-        assert ("SEED" in control["final"]["opts"]) == ("SEED" in cfg["final"]["opts"]), variant
+        assert _seed(control) == _seed(cfg), variant
         assert (control["final"]["config"], control["final"]["init"]) == (cfg["final"]["config"], cfg["final"]["init"])
         solver = [setup_cfg(c["final"]["config"], [str(o) for o in c["final"]["opts"]]).SOLVER for c in (cfg, control)]
         assert solver[1].MAX_ITER > solver[0].MAX_ITER and solver[1].STEPS[-1] < solver[1].MAX_ITER
@@ -516,9 +520,7 @@ def test_phantom_variants_are_valid_demo_pipeline_configs(tmp_path):
             online = "D2CT.MEAN_TEACHER.ENABLED" in cfg["final"]["opts"]  # pool labelled during training
             assert control["final"]["pseudo_labels"] is False and cfg["final"]["pseudo_labels"] is (not online)
             assert control["final"]["init"] == cfg["final"]["init"] and control["final"]["config"] == cfg["final"]["config"]
-            seeds = [[v for k, v in zip(c["final"]["opts"][::2], c["final"]["opts"][1::2]) if k == "SEED"]
-                     for c in (cfg, control)]
-            assert seeds[0] == seeds[1], variant
+            assert _seed(cfg) == _seed(control), variant
             if online:  # the strong policy makes the pool's strong views; labelled slices get the control's
                 assert "all" not in cfg["final"]["opts"] and "D2CT.AUGMENT.STUDENT.ENABLED" not in control["final"]["opts"]
             else:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_OPTS, run_tool
-from tests.test_entry_points import default_sigint
+from tests.conftest import ROOT, TINY_OPTS, default_sigint, run_tool
 
 SAMPLE = ROOT / "datasets" / "sample"
 
