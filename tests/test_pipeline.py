@@ -28,8 +28,9 @@ TINY_PIPELINE = [
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
+    # two trainings at a time: the radiologists go through the scheduler with real training runs
     args = ["--config", "configs/demo/pipeline.yaml", "--set", f"output_dir={out}", f"data.root={out}/data/phantom",
-            *TINY_PIPELINE]
+            *TINY_PIPELINE, "parallel_trainings=2"]
     start = time.time()
     proc = run_tool("run_pipeline.py", *args, timeout=1500)
     return out, args, proc, time.time() - start
@@ -75,6 +76,9 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     assert yaml.safe_load(final_cfg)["D2CT"]["SPLIT_FILE"] == str(out / "data" / "splits_final.json")
     assert (out / "report" / "ari_hist_student_r1.png").exists() and (out / "report" / "best_worst.png").exists()
     assert "| model | ARI (all pixels)" in proc.stdout  # the table printed at the end
+    assert "3 trainings, 2 at a time" in proc.stdout + proc.stderr  # parallel_trainings=2
+    for model in ("r50", "r101", "x101"):  # each training's own log, with its share of the threads
+        assert "OMP_NUM_THREADS=" in (out / "logs" / f"{model}.log").read_text()
 
 
 def test_finished_pipeline_is_skipped_and_from_reruns_a_stage(pipeline_run):

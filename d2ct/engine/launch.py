@@ -8,7 +8,6 @@ evaluation), which is how CI tests distributed training without a GPU.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
 from datetime import timedelta
@@ -18,6 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
+
+from d2ct.utils.resources import cpu_threads
 
 logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -72,8 +73,9 @@ def launch_cli(main_func, args) -> int:
 
 def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout):
     global_rank = machine_rank * procs_per_machine + local_rank
-    # Share the cores between the processes instead of oversubscribing them.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs_per_machine))
+    # Share the cores (or the OMP_NUM_THREADS the pipeline gave this training) between the
+    # processes instead of oversubscribing them.
+    torch.set_num_threads(max(1, cpu_threads() // procs_per_machine))
     dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size,
                             rank=global_rank, timeout=timeout)
     # Detectron2's local process group: the ranks on this machine (as its own launcher sets it).

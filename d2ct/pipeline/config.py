@@ -18,6 +18,11 @@ from d2ct.errors import ConfigError
 DEFAULTS: dict[str, Any] = {
     "output_dir": "output/pipeline",
     "num_gpus": 1,
+    # Trainings that do not wait for each other (the radiologists; a round-1 student and its
+    # control) run this many at a time. On a CPU each gets an equal share of the cores (at least
+    # one thread): on a few cores several small trainings use them better than one (bench/RESULTS.md).
+    # With GPUs each gets its own num_gpus GPUs, so parallel_trainings x num_gpus must be present.
+    "parallel_trainings": 1,
     "data": {
         "name": "phantom",
         "root": None,
@@ -195,6 +200,7 @@ def _is_text(value) -> bool:
 _SCHEMA: dict[str, tuple] = {
     "output_dir": (_is_text, "a folder path"),
     "num_gpus": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "parallel_trainings": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
     "data.name": (_is_text, "a non-empty name"),
     "data.root": (_is_text, "the data set folder"),
     "data.phantom": (lambda v: v is None or isinstance(v, dict), "a mapping of phantom settings or null"),

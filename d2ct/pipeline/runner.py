@@ -40,6 +40,7 @@ import numpy as np
 
 from d2ct.errors import D2CTError, DataError
 from d2ct.utils.fileio import atomic_write_json, atomic_write_text, read_json
+from d2ct.utils.resources import cpu_threads, visible_gpus
 
 from .config import STAGES, online_teacher
 from .provenance import claim_folder, file_sha256, fingerprint
@@ -51,8 +52,27 @@ TOOLS = {"train_net.py": "d2ct.engine.train_net", "pseudolabel.py": "d2ct.pseudo
          "predict.py": "d2ct.engine.predict"}
 
 
+POLL_SECONDS = 1.0  # how often trainings running at once are checked
+
+
 class StageError(D2CTError):
     pass
+
+
+def training_slots(jobs: int, num_gpus: int, threads: int, gpus: list[str]) -> list[dict[str, str]]:
+    """The environment of each of ``jobs`` trainings that run at once: an equal share of ``threads``
+    CPU threads (at least one) and, on a GPU host, its own ``num_gpus`` of ``gpus``."""
+    if gpus and jobs * num_gpus > len(gpus):
+        raise StageError(f"parallel_trainings {jobs} x num_gpus {num_gpus} needs {jobs * num_gpus} GPUs; this host "
+                         f"shows {len(gpus)} ({','.join(gpus)}): lower parallel_trainings (or num_gpus)")
+    share = str(max(1, threads // jobs))
+    slots = []
+    for i in range(jobs):
+        env = {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * num_gpus:(i + 1) * num_gpus])
+        slots.append(env)
+    return slots
 
 
 def config_digest(path: str | os.PathLike) -> str:
@@ -203,19 +223,78 @@ class Pipeline:
                     logger.info("--from %s: removing %s", stage, d)
                     shutil.rmtree(d)
 
-    def _run_tool(self, tool: str, args: list, log_name: str) -> None:
+    def _start_tool(self, tool: str, args: list, log_name: str, env: dict[str, str] | None = None):
+        """Start one tool as a subprocess writing to ``logs/<log_name>.log``: (process, log file, path)."""
         cmd = [self.python, "-m", TOOLS[tool], *[str(a) for a in args]]
         log_path = self.out / "logs" / f"{log_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        logger.info("$ %s", " ".join(cmd))
-        with open(log_path, "a") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n")
-            log.flush()
-            # in the caller's folder: the config's relative paths are relative to it
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        shown = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+        logger.info("$ %s%s", f"{shown} " if shown else "", " ".join(cmd))
+        log = open(log_path, "a")
+        log.write(f"\n$ {shown + ' ' if shown else ''}{' '.join(cmd)}\n")
+        log.flush()
+        # in the caller's folder: the config's relative paths are relative to it
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env} if env else None)
+        return proc, log, log_path
+
+    @staticmethod
+    def _check_exit(tool: str, proc: subprocess.Popen, log_path: Path) -> None:
         if proc.returncode != 0:
             tail = "".join(open(log_path).readlines()[-25:])
             raise StageError(f"{tool} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
+
+    def _run_tool(self, tool: str, args: list, log_name: str) -> None:
+        proc, log, log_path = self._start_tool(tool, args, log_name)
+        with log:
+            try:
+                proc.wait()
+            except BaseException:  # Ctrl-C: the child stops too (a training resumes from its checkpoint)
+                proc.kill()
+                proc.wait()
+                raise
+        self._check_exit(tool, proc, log_path)
+
+    def _run_tools_at_once(self, jobs: list[tuple[str, list, str]]) -> None:
+        """Run (tool, args, log_name) jobs ``parallel_trainings`` at a time, each in its own slot of
+        threads (and GPUs). A failed job lets the others finish (their work is kept) and is raised
+        once all have ended; an interruption stops them all."""
+        n = min(int(self.cfg["parallel_trainings"]), len(jobs))
+        slots = training_slots(n, int(self.cfg["num_gpus"]), cpu_threads(), visible_gpus())
+        logger.info("%d trainings, %d at a time (%s each)", len(jobs), n,
+                    ", ".join(f"{k}={v}" for k, v in slots[0].items() if k != "MKL_NUM_THREADS"))
+        pending, running, failures, free = list(jobs), {}, [], list(range(n))
+        try:
+            while pending or running:
+                while pending and free:
+                    slot = free.pop(0)
+                    tool, args, log_name = pending.pop(0)
+                    running[slot] = (tool, log_name, *self._start_tool(tool, args, log_name, slots[slot]))
+                time.sleep(POLL_SECONDS)
+                for slot, (tool, log_name, proc, log, log_path) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    del running[slot]
+                    free.append(slot)
+                    try:
+                        self._check_exit(tool, proc, log_path)
+                        logger.info("%s finished", log_name)
+                    except StageError as e:
+                        logger.error("%s failed (exit %d; log %s); the other trainings go on", log_name,
+                                     proc.returncode, log_path)
+                        failures.append(e)
+        finally:  # interrupted: stop the rest (each resumes from its last checkpoint on the next run)
+            for _, _, proc, log, _ in running.values():
+                proc.terminate()
+            for _, _, proc, log, _ in running.values():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+        if failures:
+            raise StageError("\n".join(str(e) for e in failures))
 
     # ------------------------------------------------------------------------------------------
     # data
@@ -352,23 +431,44 @@ class Pipeline:
             cfg["MODEL"]["WEIGHTS"] = "sha256:" + file_sha256(weights)
         return {"config": cfg, "split": self.split_digest(), "pseudo_labels": [file_sha256(p) for p in pseudo]}
 
-    def train(self, config: str, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None,
-              model_opts: list | None = None) -> Path:
-        """Train one model: skipped when ``output_dir`` holds a finished training with these settings,
-        resumed from its last checkpoint when it holds an unfinished one, trained anew otherwise (a
-        folder made with other settings is removed first, unless it lies outside this run's folder:
-        then it is an error)."""
+    def _claim_training(self, config: str, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None,
+                        model_opts: list | None = None) -> list | None:
+        """The train_net arguments for one model, or None when ``output_dir`` holds a finished training
+        with these settings. One that holds an unfinished training is resumed from its last
+        checkpoint; one made with other settings is removed first, unless it lies outside this
+        run's folder: then it is an error."""
         opts = self._train_opts(output_dir, train_sets, pseudo, model_opts)
         owned = output_dir.resolve().is_relative_to(self.out.resolve())
         if claim_folder(output_dir, self.training_settings(config, opts), owned=owned, what="a trained model",
                         at_default=config_key_at_default):
             if (output_dir / "model_final.pth").exists():
                 logger.info("%s: already trained with these settings", output_dir)
-                return output_dir
+                return None
             logger.info("%s: resuming an unfinished training with the same settings", output_dir)
-        self._run_tool("train_net.py", ["--config", config, "--num-gpus", self.cfg["num_gpus"], "--resume", *opts],
-                       output_dir.name)
+        return ["--config", config, "--num-gpus", self.cfg["num_gpus"], "--resume", *opts]
+
+    def train(self, config: str, output_dir: Path, train_sets: list[str], pseudo: list[str] | None = None,
+              model_opts: list | None = None) -> Path:
+        """Train one model (skipped when already trained, resumed when unfinished)."""
+        args = self._claim_training(config, output_dir, train_sets, pseudo, model_opts)
+        if args is not None:
+            self._run_tool("train_net.py", args, output_dir.name)
         return output_dir
+
+    def train_all(self, specs: list[dict]) -> list[Path]:
+        """Train models that do not depend on each other (each spec: :meth:`train`'s arguments): one
+        after another, or ``parallel_trainings`` at a time."""
+        if int(self.cfg["parallel_trainings"]) <= 1 or len(specs) <= 1:
+            return [self.train(s["config"], s["output_dir"], s["train_sets"], s.get("pseudo"), model_opts=s.get("model_opts"))
+                    for s in specs]
+        jobs = []
+        for spec in specs:
+            args = self._claim_training(**spec)
+            if args is not None:
+                jobs.append(("train_net.py", args, spec["output_dir"].name))
+        if jobs:
+            self._run_tools_at_once(jobs)
+        return [spec["output_dir"] for spec in specs]
 
     def radiologists_root(self) -> Path:
         return Path(self.cfg.get("radiologists_dir") or self.out / "radiologists")
@@ -378,13 +478,15 @@ class Pipeline:
                 for r in self.cfg["radiologists"]]
 
     def stage_radiologists(self) -> dict:
-        outputs = {}
+        outputs, specs = {}, []
         for r, out in zip(self.cfg["radiologists"], self.radiologist_dirs()):
             if r.get("dir"):  # trained before, elsewhere: a teacher as it is
                 logger.info("radiologist %s: trained before (%s): used as it is", r["name"], out)
             else:
-                self.train(r["config"], out, [f"{self.name}_train"], model_opts=r["opts"])
+                specs.append(dict(config=r["config"], output_dir=out, train_sets=[f"{self.name}_train"],
+                                  model_opts=r["opts"]))
             outputs[r["name"]] = str(out)
+        self.train_all(specs)
         return outputs
 
     # ------------------------------------------------------------------------------------------
@@ -522,16 +624,19 @@ class Pipeline:
                 if repeat > 1:
                     logger.info("round %d: the labelled split is listed %d times next to the pseudo-labels",
                                 round_, repeat)
-            out = self.train(self.cfg["final"]["config"], self.student_dir(round_), train_sets, pseudo, model_opts=opts)
-            outputs[self.student_name(round_)] = str(out)
+            specs = [dict(config=self.cfg["final"]["config"], output_dir=self.student_dir(round_),
+                          train_sets=train_sets, pseudo=pseudo, model_opts=opts)]
+            names = [self.student_name(round_)]
             if round_ == 1 and self.control_name():
                 # equal compute: the student's config, opts and start; the labelled split alone
                 logger.info("round 1: training %s, the student's labelled-only control (final.control)",
                             self.control_name())
                 control_opts = opts + (["D2CT.MEAN_TEACHER.ENABLED", False] if online_teacher(self.cfg) else [])
-                control = self.train(self.cfg["final"]["config"], self.out / self.control_name(),
-                                     [f"{self.name}_train"], None, model_opts=control_opts)
-                outputs[self.control_name()] = str(control)
+                specs.append(dict(config=self.cfg["final"]["config"], output_dir=self.out / self.control_name(),
+                                  train_sets=[f"{self.name}_train"], pseudo=None, model_opts=control_opts))
+                names.append(self.control_name())
+            for name, out in zip(names, self.train_all(specs)):
+                outputs[name] = str(out)
         return outputs
 
     # ------------------------------------------------------------------------------------------
