@@ -64,7 +64,8 @@ def training_slots(jobs: int, num_gpus: int, threads: int, gpus: list[str]) -> l
     CPU threads (at least one) and, on a GPU host, its own ``num_gpus`` of ``gpus``."""
     if gpus and jobs * num_gpus > len(gpus):
         raise StageError(f"parallel_trainings {jobs} x num_gpus {num_gpus} needs {jobs * num_gpus} GPUs; this host "
-                         f"shows {len(gpus)} ({','.join(gpus)}): lower parallel_trainings (or num_gpus)")
+                         f"shows {len(gpus)} ({','.join(gpus)}): lower parallel_trainings or num_gpus (or hide the GPUs, "
+                         "CUDA_VISIBLE_DEVICES=, to train on the CPU)")
     share = str(max(1, threads // jobs))
     slots = []
     for i in range(jobs):
