@@ -3,14 +3,16 @@
 The pipeline's own radiologist stage (d2ct.pipeline.runner: the real ``train_net`` subprocesses,
 checkpoints and final validation included) on a generated phantom at 256 px, each radiologist
 trained for the same few iterations, once with ``parallel_trainings: 1`` (each training gets every
-core) and once with the trainings side by side (each an equal share of the cores, at least one
-thread). Both modes train fresh models in their own folders; the table gives the stage's wall time
-and the speed-up. The three radiologists' configs are those of a pipeline config: the demo's
-(``configs/demo``) and the CPU budget ones of the OpenKBP runs (``configs/cpu``). Usage::
+core), once with the trainings side by side (each an equal share of the cores, at least one
+thread) and once more side by side with ``rebalance_threads`` (when one ends, those still running
+take its threads). Each mode trains fresh models in its own folder; the table gives the stage's
+wall time and the speed-ups over one at a time. The three radiologists' configs are those of a
+pipeline config: the demo's (``configs/demo``) and the CPU budget ones of the OpenKBP runs
+(``configs/cpu``). Usage::
 
     .venv/bin/python bench/bench_parallel.py [--quick] [--iters 50] [--parallel 3] [--configs cpu demo]
 
-Run it on a quiet machine: another job on the cores slows the two modes unequally.
+Run it on a quiet machine: another job on the cores slows the modes unequally.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ PIPELINES = {"demo": "configs/demo/pipeline.yaml", "cpu": "configs/cpu/pipeline_
 CACHE = Path(tempfile.gettempdir()) / "d2ct_bench_parallel"
 
 
-def stage_seconds(config: str, out: Path, phantom: dict, iters: int, parallel: int) -> float:
-    """Wall seconds of the radiologist stage of ``config`` in a fresh ``out``, ``parallel`` at a time."""
+def stage_seconds(config: str, out: Path, phantom: dict, iters: int, parallel: int, rebalance: bool = False) -> float:
+    """Wall seconds of the radiologist stage of ``config`` in a fresh ``out``, ``parallel`` at a time
+    (``rebalance``: with rebalance_threads, the freed threads going to the trainings still running)."""
     import os
 
     from d2ct.pipeline.config import load_pipeline_config
@@ -44,7 +47,7 @@ def stage_seconds(config: str, out: Path, phantom: dict, iters: int, parallel: i
     cfg = load_pipeline_config(str(ROOT / config), [
         f"output_dir={out}", f"data.root={out.parent / 'phantom_{}'.format(phantom['size'])}",
         "data.name=phantom", f"data.phantom={phantom_yaml}", "data.group_by=null", "data.eval_split=auto",
-        "baseline.enabled=false", f"parallel_trainings={parallel}",
+        "baseline.enabled=false", f"parallel_trainings={parallel}", f"rebalance_threads={str(rebalance).lower()}",
         f"opts=[SOLVER.MAX_ITER, {iters}, SOLVER.CHECKPOINT_PERIOD, 100000, TEST.EVAL_PERIOD, 0]",
     ])
     cwd = os.getcwd()
@@ -67,12 +70,13 @@ def run(quick: bool = False, iters: int | None = None, parallel: int = 3, config
     logging.getLogger("d2ct.pipeline").setLevel(logging.WARNING)
     rows = []
     for name in configs:
-        times = {}
-        for n in (1, parallel):
-            times[n] = stage_seconds(PIPELINES[name], cache / f"{name}_{n}", phantom, iters, n)
+        one = stage_seconds(PIPELINES[name], cache / f"{name}_1", phantom, iters, 1)
+        fixed = stage_seconds(PIPELINES[name], cache / f"{name}_{parallel}", phantom, iters, parallel)
+        moving = stage_seconds(PIPELINES[name], cache / f"{name}_{parallel}_rebalance", phantom, iters, parallel, True)
         rows.append({"radiologists": f"{name} (`{PIPELINES[name]}`)", "iterations each": iters,
-                     "one at a time s": round(times[1], 1), f"{parallel} at a time s": round(times[parallel], 1),
-                     "speed-up": round(times[1] / times[parallel], 2), "threads": cpu_threads()})
+                     "one at a time s": round(one, 1), f"{parallel} at a time s": round(fixed, 1),
+                     "speed-up": round(one / fixed, 2), "with rebalance_threads s": round(moving, 1),
+                     "speed-up, rebalanced": round(one / moving, 2), "threads": cpu_threads()})
     return rows
 
 

@@ -430,6 +430,102 @@ def test_flip_tta_refuses_an_unfinished_run(tmp_path):
         flip_tta.main(["--runs", str(tmp_path), "--only", "long_labelled"])
 
 
+def _hybrid_maps():
+    """A Mask R-CNN map with two structures that cover part of the U-Net's foreground, and the U-Net's
+    map: one structure under both Mask R-CNN ones plus a piece of its own."""
+    import numpy as np
+
+    inst = np.zeros((12, 12), np.uint8)
+    inst[1:4, 1:4] = 1     # 9 px, inside the U-Net's structure 1
+    inst[1:4, 6:9] = 2     # 9 px, its right part outside the U-Net foreground
+    unet = np.zeros((12, 12), np.uint8)
+    unet[1:5, 1:8] = 1     # covers instance 1 and the left part of instance 2, plus row 4
+    unet[8:11, 1:4] = 2    # a structure the Mask R-CNN missed
+    return inst, unet
+
+
+def test_hybrid_fill_keeps_the_instances_and_adds_what_the_unet_saw_alone():
+    import numpy as np
+
+    from experiments.openkbp.hybrid import combine
+
+    inst, unet = _hybrid_maps()
+    out = combine(inst, unet, "fill", min_area=1)
+    # the instances stay whole and apart; the missed structure is new; the U-Net leftover of its
+    # structure 1 (row 4 and columns 4-5) becomes one more structure
+    assert len({out[2, 2], out[2, 7], out[9, 2], out[4, 1]}) == 4 and 0 not in {out[2, 2], out[2, 7], out[9, 2]}
+    assert (out[1:4, 6:9] == out[2, 7]).all() and (out[1:4, 1:4] == out[2, 2]).all()
+    assert (out[8:11, 1:4] == out[9, 2]).all() and out[0].max() == 0
+    assert out.dtype == np.uint8 and len(np.unique(out)) == 5
+
+
+def test_hybrid_fill_trim_drops_instance_pixels_outside_the_unet_foreground():
+    from experiments.openkbp.hybrid import combine
+
+    inst, unet = _hybrid_maps()
+    out = combine(inst, unet, "fill_trim", min_area=1)
+    assert out[2, 8] == 0 and out[2, 7] > 0 and out[2, 6] == out[2, 7]   # column 8 is outside the U-Net
+    assert (out[1:4, 1:4] == out[2, 2]).all()
+
+
+def test_hybrid_grow_floods_the_connected_unet_foreground_from_the_instances():
+    import numpy as np
+
+    from experiments.openkbp.hybrid import combine
+
+    inst, unet = _hybrid_maps()
+    out = combine(inst, unet, "grow", min_area=1)
+    # the U-Net's structure 1 is shared out between the two instances: no leftover structure
+    assert set(np.unique(out[1:5, 1:8])) == {out[2, 2], out[2, 7]} and out[4, 1] == out[2, 2] and out[4, 7] == out[2, 7]
+    assert (out[1:4, 6:9] == out[2, 7]).all()               # instance 2 keeps its pixels outside the U-Net
+    assert out[9, 2] not in (0, out[2, 2], out[2, 7]) and len(np.unique(out)) == 4
+
+
+def test_hybrid_drops_small_leftovers_and_checks_its_inputs():
+    import numpy as np
+
+    from experiments.openkbp.hybrid import combine
+
+    inst, unet = _hybrid_maps()
+    assert len(np.unique(combine(inst, unet, "fill", min_area=10))) == 2   # only the 13-pixel leftover is as large
+    assert (combine(np.zeros_like(inst), unet, "grow", min_area=1) > 0).sum() == (unet > 0).sum()
+    with pytest.raises(ValueError, match="rule 'vote'"):
+        combine(inst, unet, "vote")
+    with pytest.raises(ValueError, match="shapes"):
+        combine(inst, unet[:5], "fill")
+
+
+def test_hybrid_chooses_rule_and_threshold_on_validation_only():
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from d2ct.postprocess.submission import PostprocessOptions
+    from experiments.openkbp.hybrid import choose_on_validation
+
+    inst, unet = _hybrid_maps()
+    truth = np.where(unet > 0, unet, 0).astype(np.uint8)
+    truth[1:4, 6:9] = 3
+    rles = []
+    for k in (1, 2):
+        r = mask_utils.encode(np.asfortranarray((inst == k).astype(np.uint8)))
+        r["counts"] = r["counts"].decode()
+        rles.append(r)
+    instances = {"a": (rles, np.array([0.9, 0.3]))}
+    chosen = choose_on_validation(instances, ["a"], [truth], [unet], PostprocessOptions(min_area=1, fallback_top_k=0),
+                                  [0.2, 0.5])
+    assert set(chosen["scores"]) == {(r, t) for r in ("alone", "fill", "fill_trim", "grow") for t in (0.2, 0.5)}
+    assert chosen["alone"] == ("alone", 0.2)   # at 0.5 instance 2 (score 0.3) is lost
+    assert chosen["scores"][chosen["hybrid"]] == max(v for k, v in chosen["scores"].items() if k[0] != "alone")
+    assert chosen["scores"][chosen["hybrid"]] > chosen["scores"][chosen["alone"]]
+
+
+def test_hybrid_refuses_a_missing_unet(tmp_path):
+    from experiments.openkbp import hybrid
+
+    with pytest.raises(SystemExit, match="no U-Net checkpoint .*--only unet first"):
+        hybrid.main(["--runs", str(tmp_path)])
+
+
 # ------------------------------------------------------------------------------------------------
 # the driver for real: two variants through the pipeline, sharing their radiologists
 # ------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def pipeline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
     # two trainings at a time: the radiologists go through the scheduler with real training runs
     args = ["--config", "configs/demo/pipeline.yaml", "--set", f"output_dir={out}", f"data.root={out}/data/phantom",
-            *TINY_PIPELINE, "parallel_trainings=2"]
+            *TINY_PIPELINE, "parallel_trainings=2", "rebalance_threads=true"]
     start = time.time()
     proc = run_tool("run_pipeline.py", *args, timeout=1500)
     return out, args, proc, time.time() - start
@@ -79,6 +79,8 @@ def test_pipeline_writes_every_artefact(pipeline_run):
     assert "3 trainings, 2 at a time" in proc.stdout + proc.stderr  # parallel_trainings=2
     for model in ("r50", "r101", "x101"):  # each training's own log, with its share of the threads
         assert "OMP_NUM_THREADS=" in (out / "logs" / f"{model}.log").read_text()
+        assert "D2CT_THREADS_FILE=" in (out / "logs" / f"{model}.log").read_text()  # rebalance_threads
+        assert int((out / "logs" / f"{model}.threads").read_text()) >= 1
 
 
 def test_finished_pipeline_is_skipped_and_from_reruns_a_stage(pipeline_run):
@@ -311,8 +313,10 @@ def test_control_trains_on_the_labelled_split_with_the_students_start(tmp_path, 
     folder.mkdir(parents=True)
     (folder / "pseudo_labels.json").write_text("{}")
     (folder / "stats.json").write_text(json.dumps({"labelled_images": 5}))
+    # one training at a time: Pipeline.train is replaced below, which the parallel_trainings
+    # scheduler does not call (the student and its control side by side: tests/test_parallel_trainings.py)
     sets = [f"output_dir={tmp_path / 'run'}", "final.control=true", "final.labelled_repeat=2", "pseudolabel.rounds=2",
-            "final.opts=[SEED, 7]"]
+            "final.opts=[SEED, 7]", "parallel_trainings=1"]
     pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", sets))
     calls = []
     monkeypatch.setattr(pipe, "train", lambda config, out, train_sets, pseudo=None, model_opts=None:
@@ -336,7 +340,7 @@ def test_control_trains_on_the_labelled_split_with_the_students_start(tmp_path, 
     assert pipe._stage_settings("final")["final"]["final"]["control"] is True
     # an online teacher (D2CT.MEAN_TEACHER) learns the pool without pseudo-label files: its control
     # is the same training with the online teacher off
-    online = ["final.pseudo_labels=false", "final.control=true", f"output_dir={tmp_path / 'online'}",
+    online = ["final.pseudo_labels=false", "final.control=true", f"output_dir={tmp_path / 'online'}", "parallel_trainings=1",
               "final.opts=[D2CT.AUGMENT.STUDENT.ENABLED, True, D2CT.MEAN_TEACHER.ENABLED, True, "
               "D2CT.MEAN_TEACHER.UNLABELLED_DATASETS, '(\"phantom_unlabelled\",)']"]
     pipe = Pipeline(load_pipeline_config("configs/demo/pipeline.yaml", online))

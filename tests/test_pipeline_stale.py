@@ -17,7 +17,10 @@ import yaml
 from d2ct.pipeline.config import load_pipeline_config
 from d2ct.pipeline.provenance import SETTINGS_FILE, StaleOutputError, changed_keys
 
-BASE = ["data.phantom={n_train: 10, n_labelled: 6, n_test: 2, size: 64, seed: 3}", "baseline.enabled=false"]
+# one training at a time: the stand-ins replace Pipeline._run_tool, which the scheduler of
+# parallel_trainings (tests/test_parallel_trainings.py) does not call
+BASE = ["data.phantom={n_train: 10, n_labelled: 6, n_test: 2, size: 64, seed: 3}", "baseline.enabled=false",
+        "parallel_trainings=1"]
 
 
 class StubTools:

@@ -15,6 +15,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from d2ct.utils.resources import THREADS_FILE_ENV
 from d2ct.visualization.curves import plot_training_curves
 
 from . import precision
@@ -112,6 +113,35 @@ class PruneCheckpoints(hooks.HookBase):
     def after_step(self):
         if (self.trainer.iter + 1) % self._period == 0:
             prune_checkpoints(self._output_dir, self._keep)
+
+
+class ThreadShare(hooks.HookBase):
+    """Follows a file that holds this training's share of the CPU threads (one whole number).
+
+    The pipeline runs several trainings side by side, each on its share of the cores; when one
+    ends, it writes the larger share into the others' files (d2ct.pipeline.runner), so the last
+    training does not go on with one thread beside idle cores. Read between steps, when changed."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._seen = None
+
+    def before_step(self):
+        try:
+            stamp = os.stat(self._path).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if stamp == self._seen:
+            return
+        self._seen = stamp
+        try:
+            with open(self._path) as f:
+                threads = int(f.read().strip())
+        except (OSError, ValueError):  # half written or not a number: try again when it changes
+            return
+        if threads >= 1 and threads != torch.get_num_threads():
+            logger.info("CPU threads: %d -> %d (%s)", torch.get_num_threads(), threads, self._path)
+            torch.set_num_threads(threads)
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
@@ -216,6 +246,8 @@ class Trainer(DefaultTrainer):
                                                             cfg.D2CT.CHECKPOINTS_TO_KEEP))
             if cfg.D2CT.CURVES:
                 ret.append(TrainingCurves(cfg.OUTPUT_DIR, cfg.TEST.EVAL_PERIOD, title=cfg.D2CT.ROLE or cfg.OUTPUT_DIR))
+        if os.environ.get(THREADS_FILE_ENV) and comm.get_world_size() == 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
+            ret.insert(0, ThreadShare(os.environ[THREADS_FILE_ENV]))
         return ret
 
     def resume_or_load(self, resume=True):

@@ -21,8 +21,12 @@ DEFAULTS: dict[str, Any] = {
     # Trainings that do not wait for each other (the radiologists; a round-1 student and its
     # control) run this many at a time. On a CPU each gets an equal share of the cores (at least
     # one thread): on a few cores several small trainings use them better than one (bench/RESULTS.md).
-    # With GPUs each gets its own num_gpus GPUs, so parallel_trainings x num_gpus must be present.
+    # With GPUs each gets its own num_gpus GPUs: as many run at once as the visible GPUs allow.
     "parallel_trainings": 1,
+    # CPU, parallel_trainings > 1: when fewer trainings are left running than started, those still
+    # running take the freed threads. Faster on a few cores, but a training's thread count then
+    # changes at a step that depends on timing, so its model is not bit-for-bit reproducible.
+    "rebalance_threads": False,
     "data": {
         "name": "phantom",
         "root": None,
@@ -201,6 +205,7 @@ _SCHEMA: dict[str, tuple] = {
     "output_dir": (_is_text, "a folder path"),
     "num_gpus": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
     "parallel_trainings": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "rebalance_threads": (lambda v: isinstance(v, bool), "true or false"),
     "data.name": (_is_text, "a non-empty name"),
     "data.root": (_is_text, "the data set folder"),
     "data.phantom": (lambda v: v is None or isinstance(v, dict), "a mapping of phantom settings or null"),

@@ -40,7 +40,7 @@ import numpy as np
 
 from d2ct.errors import D2CTError, DataError
 from d2ct.utils.fileio import atomic_write_json, atomic_write_text, read_json
-from d2ct.utils.resources import cpu_threads, visible_gpus
+from d2ct.utils.resources import THREADS_FILE_ENV, cpu_threads, visible_gpus
 
 from .config import STAGES, online_teacher
 from .provenance import claim_folder, file_sha256, fingerprint
@@ -60,12 +60,14 @@ class StageError(D2CTError):
 
 
 def training_slots(jobs: int, num_gpus: int, threads: int, gpus: list[str]) -> list[dict[str, str]]:
-    """The environment of each of ``jobs`` trainings that run at once: an equal share of ``threads``
-    CPU threads (at least one) and, on a GPU host, its own ``num_gpus`` of ``gpus``."""
-    if gpus and jobs * num_gpus > len(gpus):
-        raise StageError(f"parallel_trainings {jobs} x num_gpus {num_gpus} needs {jobs * num_gpus} GPUs; this host "
-                         f"shows {len(gpus)} ({','.join(gpus)}): lower parallel_trainings or num_gpus (or hide the GPUs, "
-                         "CUDA_VISIBLE_DEVICES=, to train on the CPU)")
+    """The environment of each of up to ``jobs`` trainings that run at once: an equal share of
+    ``threads`` CPU threads (at least one) and, on a GPU host, its own ``num_gpus`` of ``gpus``; there
+    at most ``len(gpus) // num_gpus`` slots (fewer than ``jobs`` when the GPUs run out)."""
+    if gpus:
+        if num_gpus > len(gpus):
+            raise StageError(f"num_gpus {num_gpus}: this host shows {len(gpus)} GPU(s) ({','.join(gpus)}): lower "
+                             "num_gpus (or hide the GPUs, CUDA_VISIBLE_DEVICES=, to train on the CPU)")
+        jobs = min(jobs, len(gpus) // num_gpus)
     share = str(max(1, threads // jobs))
     slots = []
     for i in range(jobs):
@@ -259,17 +261,38 @@ class Pipeline:
         """Run (tool, args, log_name) jobs ``parallel_trainings`` at a time, each in its own slot of
         threads (and GPUs). A failed job lets the others finish (their work is kept) and is raised
         once all have ended; an interruption stops them all."""
-        n = min(int(self.cfg["parallel_trainings"]), len(jobs))
-        slots = training_slots(n, int(self.cfg["num_gpus"]), cpu_threads(), visible_gpus())
+        wanted = min(int(self.cfg["parallel_trainings"]), len(jobs))
+        gpus, num_gpus = visible_gpus(), int(self.cfg["num_gpus"])
+        slots = training_slots(wanted, num_gpus, cpu_threads(), gpus)
+        n = len(slots)
+        if n < wanted:
+            logger.warning("parallel_trainings %d: only %d at a time fit on this host's %d GPU(s) at num_gpus %d",
+                           int(self.cfg["parallel_trainings"]), n, len(gpus), num_gpus)
         logger.info("%d trainings, %d at a time (%s each)", len(jobs), n,
                     ", ".join(f"{k}={v}" for k, v in slots[0].items() if k != "MKL_NUM_THREADS"))
+        threads, shares = cpu_threads(), {}  # rebalance_threads on a CPU: slot -> its threads file
+        follow = bool(self.cfg["rebalance_threads"]) and not gpus
         pending, running, failures, free = list(jobs), {}, [], list(range(n))
         try:
             while pending or running:
                 while pending and free:
                     slot = free.pop(0)
                     tool, args, log_name = pending.pop(0)
-                    running[slot] = (tool, log_name, *self._start_tool(tool, args, log_name, slots[slot]))
+                    env = dict(slots[slot])
+                    if follow:  # the training follows this file (d2ct.engine.trainer.ThreadShare)
+                        shares[slot] = self.out / "logs" / f"{log_name}.threads"
+                        shares[slot].parent.mkdir(parents=True, exist_ok=True)
+                        atomic_write_text(shares[slot], env["OMP_NUM_THREADS"] + "\n")
+                        env[THREADS_FILE_ENV] = str(shares[slot])
+                    running[slot] = (tool, log_name, *self._start_tool(tool, args, log_name, env))
+                # fewer trainings left than slots: the freed threads go to those still running
+                share = str(max(1, threads // max(1, len(running))))
+                raised = [slot for slot in running if slot in shares and shares[slot].read_text().strip() != share]
+                for slot in raised:
+                    atomic_write_text(shares[slot], share + "\n")
+                if raised:
+                    logger.info("rebalance_threads: %s now %s thread(s) each",
+                                ", ".join(running[s][1] for s in raised), share)
                 time.sleep(POLL_SECONDS)
                 for slot, (tool, log_name, proc, log, log_path) in list(running.items()):
                     if proc.poll() is None:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 
+# a file holding the CPU threads a training may use now (the pipeline raises it when others end)
+THREADS_FILE_ENV = "D2CT_THREADS_FILE"
+
 
 def cpu_threads() -> int:
     """The threads this process may use: OMP_NUM_THREADS when set, else the CPUs it may run on."""
