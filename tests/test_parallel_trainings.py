@@ -50,8 +50,8 @@ def test_slots_share_the_threads_and_give_each_training_its_own_gpus():
 
 
 def test_parallel_trainings_is_checked():
-    assert load_pipeline_config("configs/demo/pipeline.yaml")["parallel_trainings"] == 3
-    assert load_pipeline_config("configs/demo/pipeline.yaml", ["parallel_trainings=1"])["parallel_trainings"] == 1
+    assert load_pipeline_config("configs/demo/pipeline.yaml")["parallel_trainings"] == 1
+    assert load_pipeline_config("configs/demo/pipeline.yaml", ["parallel_trainings=3"])["parallel_trainings"] == 3
     for bad in ("0", "two", "1.5", "true"):
         with pytest.raises(ConfigError, match="parallel_trainings must be a whole number of at least 1"):
             load_pipeline_config("configs/demo/pipeline.yaml", [f"parallel_trainings={bad}"])
