@@ -262,15 +262,15 @@ class Pipeline:
         threads (and GPUs). A failed job lets the others finish (their work is kept) and is raised
         once all have ended; an interruption stops them all."""
         wanted = min(int(self.cfg["parallel_trainings"]), len(jobs))
-        gpus, num_gpus = visible_gpus(), int(self.cfg["num_gpus"])
-        slots = training_slots(wanted, num_gpus, cpu_threads(), gpus)
+        gpus, num_gpus, threads = visible_gpus(), int(self.cfg["num_gpus"]), cpu_threads()
+        slots = training_slots(wanted, num_gpus, threads, gpus)
         n = len(slots)
         if n < wanted:
             logger.warning("parallel_trainings %d: only %d at a time fit on this host's %d GPU(s) at num_gpus %d",
                            int(self.cfg["parallel_trainings"]), n, len(gpus), num_gpus)
         logger.info("%d trainings, %d at a time (%s each)", len(jobs), n,
                     ", ".join(f"{k}={v}" for k, v in slots[0].items() if k != "MKL_NUM_THREADS"))
-        threads, shares = cpu_threads(), {}  # rebalance_threads on a CPU: slot -> its threads file
+        shares = {}  # rebalance_threads on a CPU: slot -> its threads file
         follow = bool(self.cfg["rebalance_threads"]) and not gpus
         pending, running, failures, free = list(jobs), {}, [], list(range(n))
         try:

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from d2ct.utils.fileio import atomic_write_text  # noqa: E402
-from experiments.openkbp.run import Experiment, load_variants, radiologist_subset  # noqa: E402
+from experiments.openkbp.run import add_run_folder_arguments, experiment_of, load_variants  # noqa: E402
 from experiments.openkbp.tables import Runs, patient_bootstrap, publish  # noqa: E402
 
 FIXED_THRESHOLD = 0.5  # the pipeline's default predict.score_threshold: the bench files' first policy
@@ -152,14 +152,10 @@ def table(rows: list[dict], n_slices: int, n_patients: int, unit: str = "patient
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", default="configs/cpu/pipeline_openkbp.yaml")
-    p.add_argument("--variants", type=Path, default=HERE / "variants.yaml")
-    p.add_argument("--runs", type=Path, default=Path.home() / "d2ct-runs" / "openkbp", help="as given to run.py")
-    p.add_argument("--radiologists", nargs="+", metavar="NAME", help="as given to run.py")
+    add_run_folder_arguments(p)
     p.add_argument("--only", nargs="+", default=list(DEFAULT_RUNS),
                    help="runs whose final models are scored (default: %(default)s); the radiologists of the "
                         "first are scored too")
-    p.add_argument("--set", dest="extra", nargs="+", default=[], metavar="KEY=VALUE", help="as given to run.py")
     p.add_argument("--work", type=Path, help="predictions go here (default: <runs>/flip_tta)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "OPENKBP_flip_tta.md")
     args = p.parse_args(argv)
@@ -167,8 +163,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.only) - set(spec["variants"]))
     if unknown:
         raise SystemExit(f"--only: {', '.join(unknown)} not in {args.variants}")
-    exp = Experiment(runs=args.runs.expanduser().resolve(), config=args.config, spec=spec,
-                     teachers=radiologist_subset(args.config, args.radiologists), extra=args.extra)
+    exp = experiment_of(args, spec)
     work = args.work.resolve() if args.work else exp.runs / "flip_tta"
     args.out = args.out.resolve()
     os.chdir(ROOT)  # the pipeline config's paths are relative to the project

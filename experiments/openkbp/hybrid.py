@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from d2ct.utils.fileio import atomic_write_text  # noqa: E402
-from experiments.openkbp.run import Experiment, load_variants, radiologist_subset  # noqa: E402
+from experiments.openkbp.run import add_run_folder_arguments, experiment_of, load_variants  # noqa: E402
 from experiments.openkbp.tables import Runs, patient_bootstrap, publish  # noqa: E402
 
 RULES = ("fill", "fill_trim", "grow")
@@ -126,7 +126,7 @@ def test_scores(truth, maps) -> np.ndarray:
     return np.array([score_image(t, p)["ARI"] for t, p in zip(truth, maps)])
 
 
-def compare_model(label: str, name: str, run: Path, pipe, unet: dict, patients: dict) -> dict:
+def compare_model(name: str, run: Path, pipe, unet: dict, patients: dict) -> dict:
     from d2ct.postprocess.submission import PostprocessOptions, load_instances
 
     pr = pipe.cfg["predict"]
@@ -142,7 +142,7 @@ def compare_model(label: str, name: str, run: Path, pipe, unet: dict, patients: 
                    for m, u in zip(flatten(test_instances, t["names"], post, t_hybrid, shape), t["maps"])]
     alone, hybrid = test_scores(t["truth"], alone_maps), test_scores(t["truth"], hybrid_maps)
     groups = [patients[n] for n in t["names"]]
-    return {"model": label, "val": (chosen["scores"][chosen["alone"]], chosen["scores"][chosen["hybrid"]]),
+    return {"model": name, "val": (chosen["scores"][chosen["alone"]], chosen["scores"][chosen["hybrid"]]),
             "choice": f"{t_alone:g} / {rule} at {t_hybrid:g}", "alone": alone.mean(), "hybrid": hybrid.mean(),
             "minus_alone": patient_bootstrap(hybrid - alone, groups),
             "minus_unet": patient_bootstrap(hybrid - unet["test_ari"], groups),
@@ -174,21 +174,16 @@ def table(rows: list[dict], unet_test: float, unet_val: float, n_slices: int, n_
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", default="configs/cpu/pipeline_openkbp.yaml")
-    p.add_argument("--variants", type=Path, default=HERE / "variants.yaml")
-    p.add_argument("--runs", type=Path, default=Path.home() / "d2ct-runs" / "openkbp", help="as given to run.py")
-    p.add_argument("--radiologists", nargs="+", metavar="NAME", help="as given to run.py")
+    add_run_folder_arguments(p)
     p.add_argument("--only", default="ensemble_student", help="the run whose models are combined (default: %(default)s)")
     p.add_argument("--peer", default="unet", help="the U-Net peer's folder under --runs (default: %(default)s)")
-    p.add_argument("--set", dest="extra", nargs="+", default=[], metavar="KEY=VALUE", help="as given to run.py")
     p.add_argument("--work", type=Path, help="U-Net label maps go here (default: <runs>/hybrid)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "OPENKBP_hybrid.md")
     args = p.parse_args(argv)
     spec = load_variants(args.variants)
     if args.only not in spec["variants"]:
         raise SystemExit(f"--only: {args.only} not in {args.variants}")
-    exp = Experiment(runs=args.runs.expanduser().resolve(), config=args.config, spec=spec,
-                     teachers=radiologist_subset(args.config, args.radiologists), extra=args.extra)
+    exp = experiment_of(args, spec)
     unet_dir = exp.peer_dir(args.peer)
     if not (unet_dir / "model_best.pt").exists():
         raise SystemExit(f"{unet_dir}: no U-Net checkpoint (python experiments/openkbp/run.py --only {args.peer} first)")
@@ -219,7 +214,7 @@ def main(argv=None) -> int:
             print(f"{name}: no validation predictions in {run / 'predict' / 'val'}: skipped", flush=True)
             continue
         print(f"{name} ...", flush=True)
-        rows.append(compare_model(name, name, run, pipe, unet, patients))
+        rows.append(compare_model(name, run, pipe, unet, patients))
         atomic_write_text(args.out, table(rows, unet["test_ari"].mean(), unet_val, len(patients),
                                           len(set(patients.values())), unit))
     publish(args.out, table(rows, unet["test_ari"].mean(), unet_val, len(patients), len(set(patients.values())), unit))

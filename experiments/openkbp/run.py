@@ -272,6 +272,23 @@ def _threshold(text: str) -> str:
     return text
 
 
+def add_run_folder_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that find this driver's run folders (--config, --variants, --runs, --radiologists,
+    --set), for the scripts that read finished runs (flip_tta.py, hybrid.py); :func:`experiment_of`."""
+    p.add_argument("--config", default="configs/cpu/pipeline_openkbp.yaml")
+    p.add_argument("--variants", type=Path, default=VARIANTS_FILE)
+    p.add_argument("--runs", type=Path, default=Path.home() / "d2ct-runs" / "openkbp", help="as given to run.py")
+    p.add_argument("--radiologists", nargs="+", metavar="NAME", help="as given to run.py")
+    p.add_argument("--set", dest="extra", nargs="+", default=[], metavar="KEY=VALUE", help="as given to run.py")
+
+
+def experiment_of(args: argparse.Namespace, spec: dict) -> Experiment:
+    """The Experiment these command-line options name (run.py's own, or :func:`add_run_folder_arguments`')."""
+    return Experiment(runs=args.runs.expanduser().resolve(), config=args.config, spec=spec,
+                      teachers=radiologist_subset(args.config, args.radiologists),
+                      predict_threshold=getattr(args, "predict_threshold", None), extra=args.extra)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,9 +321,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
         raise SystemExit(f"--only: {', '.join(unknown)} not in {args.variants} ({', '.join(known)})")
-    exp = Experiment(runs=args.runs.expanduser().resolve(), config=args.config, spec=spec,
-                     teachers=radiologist_subset(args.config, args.radiologists),
-                     predict_threshold=args.predict_threshold, extra=args.extra)
+    exp = experiment_of(args, spec)
     os.chdir(ROOT)  # the pipeline config's paths (configs/..., datasets/...) are relative to the project
     text = None
     if not args.table_only:
