@@ -138,6 +138,8 @@ def test_every_variant_is_a_valid_pipeline_config(tmp_path, subset):
      "variant a: 'final.opts\\+=\\[SEED, 7\\]' appends to final.opts, which no earlier item"),
     ("variants:\n  a: {sets: [final.init=best, 'final.init+=[x]']}\n", "final.init\\+=: 'best' is not a \\[list\\]"),
     ("variants:\n  a: {sets: ['final.opts=[SEED, 7]', final.opts+=SEED]}\n", "'SEED' is not a \\[list\\]"),
+    ("variants:\n  a: {sets: []}\nholdouts:\n  datasets/x: {seed: '3'}\n", "holdouts: 'datasets/x'.*seed: int"),
+    ("variants:\n  a: {sets: []}\nholdouts:\n  datasets/x: {fraction: 0.5}\n", "holdouts: 'datasets/x'.*test_fraction"),
 ])
 def test_variants_file_errors_name_the_problem(tmp_path, text, match):
     bad = tmp_path / "v.yaml"
@@ -631,3 +633,98 @@ def test_prepare_holdout_leaves_the_phantom_to_the_pipeline(tmp_path, monkeypatc
     monkeypatch.setattr(run.subprocess, "run", lambda *a, **k: pytest.fail(f"make_holdout called: {a}"))
     run.prepare_holdout(exp, tmp_path / "no-openkbp-here")
     assert not (tmp_path / "phantom").exists()
+
+
+# --- experiments/abdomen: the same driver on the challenge's own domain (two folds of one patient)
+
+def _abdomen_experiment(tmp_path: Path, fold: str) -> run.Experiment:
+    spec = run.load_variants(ROOT / "experiments" / "abdomen" / "variants.yaml")
+    return run.Experiment(runs=tmp_path / fold, config="experiments/abdomen/pipeline_abdomen.yaml", spec=spec,
+                          predict_threshold="val", extra=[f"data.root=datasets/abdomen_holdout_{fold}"])
+
+
+def test_abdomen_variants_are_an_equal_compute_pair_on_two_folds(tmp_path):
+    """The student and its labelled-only control share start, config and schedule; the two
+    radiologists share a schedule and differ only in their starting weights; each fold has its own
+    hold-out recipe (one patient each)."""
+    recipes = []
+    for fold in ("test01", "test07"):
+        exp = _abdomen_experiment(tmp_path, fold)
+        assert [(v, exp.variants[v]["control"]) for v in exp.variants if exp.variants[v]["control"]] == [
+            ("ensemble_student", "labelled"), ("ensemble_student_seed7", "labelled_seed7")]
+        for name, seed in (("ensemble_student", None), ("ensemble_student_seed7", [7])):
+            student, control = (exp.pipeline_config(v) for v in (name, exp.variants[name]["control"]))
+            assert student["data"]["root"] == control["data"]["root"] == f"datasets/abdomen_holdout_{fold}"
+            assert student["pseudolabel"]["mode"] == "ensemble" and control["final"]["pseudo_labels"] is False
+            assert student["final"]["init"] == control["final"]["init"] == "best"
+            assert student["final"]["config"] == control["final"]["config"]
+            opts = [dict(zip(c["final"]["opts"][::2], c["final"]["opts"][1::2])) for c in (student, control)]
+            assert opts[0] == {**opts[1], "D2CT.AUGMENT.STUDENT.ENABLED": True} and opts[1]["SOLVER.MAX_ITER"] == 300
+            assert _seed(student) == _seed(control) == seed
+        scratch, ct = control["radiologists"]
+        assert ct["opts"][:2] == ["MODEL.WEIGHTS", "datasets/ct_pretrained/openkbp_r50.pth"]
+        assert ct["opts"][2:] == scratch["opts"] and ct["config"] == scratch["config"]
+        recipes.append(run.holdout_options(exp, student["data"]["root"]))
+    assert recipes[0] != recipes[1] and {r["test_fraction"] for r in recipes} == {0.5}
+    assert run.holdout_options(exp, "datasets/elsewhere") == run.HOLDOUT_DEFAULT
+
+
+def test_prepare_holdout_follows_the_variants_holdouts(tmp_path, monkeypatch):
+    exp = _abdomen_experiment(tmp_path, "test07")
+    exp.extra = [f"data.root={tmp_path / 'fold'}"]
+    exp.spec = {**exp.spec, "holdouts": {str(tmp_path / "fold"): {"test_fraction": 0.5, "group_by": "patient", "seed": 3}}}
+    seen = []
+    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: seen.append(cmd))
+    run.prepare_holdout(exp, tmp_path / "source")
+    [cmd] = seen
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "fold") and cmd[cmd.index("--seed") + 1] == "3"
+    assert cmd[cmd.index("--test-fraction") + 1] == "0.5" and cmd[cmd.index("--data") + 1] == str(tmp_path / "source")
+    (tmp_path / "fold").mkdir()  # made: not made again
+    run.prepare_holdout(exp, tmp_path / "source")
+    assert len(seen) == 1
+
+
+def _per_image(path: Path, ari: dict[str, float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = ["name,ARI,ARI_fg,Dice,Dice_all,Recall50,Precision50,n_true,n_pred,tp50"]
+    rows += [f"{k},{v},{v / 2},0.5,0.5,0.5,0.25,4,4,2" for k, v in ari.items()]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_abdomen_folds_table_pools_the_folds_and_pairs_the_models(tmp_path):
+    from experiments.abdomen import folds
+
+    spec = run.load_variants(ROOT / "experiments" / "abdomen" / "variants.yaml")
+    scores = {  # fold -> model -> slice -> all-pixel ARI
+        "test01": {"baseline": [0.1, 0.2], "r50": [0.3, 0.3], "r50ct": [0.5, 0.4], "student_r1": [0.5, 0.5],
+                   "ensemble_student": [0.6, 0.4], "unet": [0.7, 0.7]},
+        "test07": {"baseline": [0.2, 0.2, 0.2], "r50": [0.2, 0.3, 0.4], "r50ct": [0.4, 0.5, 0.6],
+                   "student_r1": [0.5, 0.6, 0.7], "ensemble_student": [0.6, 0.7, 0.5], "unet": [0.3, 0.3, 0.3]},
+    }
+    for fold, models in scores.items():
+        runs = tmp_path / fold
+        for m, v in models.items():
+            ari = {f"{i}.png": x for i, x in enumerate(v)}
+            where = {"student_r1": runs / "labelled" / "evaluate" / "student_r1",
+                     "ensemble_student": runs / "ensemble_student" / "evaluate" / "student_r1",
+                     "unet": runs / "unet" / "evaluate"}.get(m, runs / "labelled" / "evaluate" / m)
+            _per_image(where / "per_image.csv", ari)
+        (runs / "labelled" / "evaluate" / "table.json").write_text(json.dumps(
+            [{"model": m} for m in ("baseline", "r50", "r50ct", "student_r1")]))
+    text = folds.table([tmp_path / "test01", tmp_path / "test07"], spec, [("r50ct", "r50"), ("labelled", "unet")])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    # per-fold means, then the pooled means over the five slices
+    assert rows["labelled (control)"].startswith("| labelled (control) | 0.500 | 0.600 | 0.560 | 0.280 |")
+    assert rows["unet"].startswith("| unet | 0.700 | 0.300 | 0.460 |")
+    # the student minus its control: +0.1 -0.1 and +0.1 +0.1 -0.2: means 0 and 0, wins on 3 of 5 slices
+    assert rows["ensemble_student - labelled"].endswith("| +0.000 | +0.000 | +0.000 [-0.120, +0.100] | 3 of 5 |")
+    assert "| r50ct - r50 | +0.150 | +0.200 | +0.180 [" in text and "| 5 of 5 |" in rows["r50ct - r50"]
+    assert "unet - labelled" in rows and "r50ct - labelled" in rows and "labelled - unet" not in rows
+
+
+def test_abdomen_folds_refuse_an_unfinished_fold(tmp_path):
+    from experiments.abdomen import folds
+
+    spec = run.load_variants(ROOT / "experiments" / "abdomen" / "variants.yaml")
+    with pytest.raises(SystemExit, match="reference run 'labelled' is not finished"):
+        folds.table([tmp_path / "test01"], spec, [])

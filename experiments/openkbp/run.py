@@ -7,10 +7,12 @@ subprocess, in order; then the tables (experiments/openkbp/tables.py) over every
 variants share the radiologists of ``<runs>/radiologists``: the first run trains them, the others
 reuse them (the pipeline never retrains or removes a shared model; one made with other settings is
 an error). Resumable: run the same command again after a kill and the pipeline skips what is
-finished. The held-out test patients (tools/make_holdout.py, seed 0) are prepared first when the
-config's data.root does not exist yet. The variants file's ``peers`` are yardsticks outside the
-method (the U-Net of tools/train_unet.py), trained on the same split in ``<runs>/<peer>`` (a peer
-with a finished run.json is not trained again; a killed one starts over) and scored beside the runs.
+finished. The held-out test patients (tools/make_holdout.py: 20% of the patients, seed 0, or what
+the variants file's ``holdouts`` gives for the config's data.root) are prepared first when that
+folder does not exist yet. The variants file's ``peers`` are yardsticks outside the method (the
+U-Net of tools/train_unet.py), trained on the same split in ``<runs>/<peer>`` (a peer with a
+finished run.json is not trained again; a killed one starts over) and scored beside the runs.
+Another data set: --config, --variants and --source (experiments/abdomen/README.md).
 
   python experiments/openkbp/run.py --only main thr05
   python experiments/openkbp/run.py --radiologists r50 r101 --only warmstart_labelled warmstart
@@ -77,6 +79,10 @@ def _fold_appends(sets: list[str], where: str) -> list[str]:
     return out
 
 
+# tools/make_holdout.py's options for a data.root the variants file's "holdouts" does not list
+HOLDOUT_DEFAULT = {"test_fraction": 0.2, "group_by": "patient", "seed": 0}
+
+
 def load_variants(path: Path = VARIANTS_FILE) -> dict:
     """{"reference": name, "variants": {name: {"sets": [...], "control": name | None, "also_against":
     [name, ...]}}}, checked: every control, also_against, reference and @-reference names a variant."""
@@ -116,8 +122,15 @@ def load_variants(path: Path = VARIANTS_FILE) -> dict:
             raise SystemExit(f"{where}: peer {name!r}: expected a name of letters, digits and _ that no variant "
                              "has, with 'args' (a list of tools/train_unet.py options)")
         peers[name] = {"args": [str(a) for a in args]}
+    holdouts = {}
+    for root, h in (data.get("holdouts") or {}).items():
+        if not isinstance(h, dict) or set(h) - set(HOLDOUT_DEFAULT) or not all(
+                isinstance(h.get(k, d), type(d)) and not isinstance(h.get(k, d), bool) for k, d in HOLDOUT_DEFAULT.items()):
+            raise SystemExit(f"{where}: holdouts: {root!r}: expected a mapping of make_holdout options "
+                             f"({', '.join(f'{k}: {type(d).__name__}' for k, d in HOLDOUT_DEFAULT.items())})")
+        holdouts[str(root)] = {**HOLDOUT_DEFAULT, **h}
     return {"reference": data.get("reference"), "variants": variants, "peers": peers, "title": data.get("title"),
-            "truth_note": data.get("truth_note", "")}
+            "truth_note": data.get("truth_note", ""), "holdouts": holdouts}
 
 
 def radiologist_subset(config: str, wanted: list[str] | None) -> list[dict] | None:
@@ -246,20 +259,29 @@ def run_peer(exp: Experiment, peer: str) -> None:
     _run_logged(peer, peer_command(exp, peer))
 
 
+def holdout_options(exp: Experiment, root: str) -> dict:
+    """make_holdout's options for a data.root: the variants file's ``holdouts`` entry (keyed by the
+    data.root as the config or --set writes it), else :data:`HOLDOUT_DEFAULT`."""
+    return exp.spec.get("holdouts", {}).get(str(root), HOLDOUT_DEFAULT)
+
+
 def prepare_holdout(exp: Experiment, source: Path) -> None:
     """tools/make_holdout.py from ``source`` into the config's data.root, when that does not exist
-    (make_holdout writes its folder whole, so an existing one is finished)."""
+    (make_holdout writes its folder whole, so an existing one is finished), with
+    :func:`holdout_options`."""
     from d2ct.pipeline.config import load_pipeline_config
 
     data = load_pipeline_config(str(ROOT / exp.config), exp.extra)["data"]
     if data["name"] == "phantom":
         return  # the pipeline's data stage generates the phantom itself
+    opts = holdout_options(exp, data["root"])
     root = Path(data["root"])
     root = root if root.is_absolute() else ROOT / root
     if root.exists():
         return
     subprocess.run([sys.executable, str(ROOT / "tools/make_holdout.py"), "--data", str(source), "--out", str(root),
-                    "--test-fraction", "0.2", "--group-by", "patient", "--seed", "0"], cwd=ROOT, check=True)
+                    "--test-fraction", str(opts["test_fraction"]), "--group-by", opts["group_by"],
+                    "--seed", str(opts["seed"])], cwd=ROOT, check=True)
 
 
 def _threshold(text: str) -> str:
