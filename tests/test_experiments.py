@@ -651,8 +651,9 @@ def test_abdomen_variants_are_an_equal_compute_pair_on_two_folds(tmp_path):
     for fold in ("test01", "test07"):
         exp = _abdomen_experiment(tmp_path, fold)
         assert [(v, exp.variants[v]["control"]) for v in exp.variants if exp.variants[v]["control"]] == [
-            ("ensemble_student", "labelled"), ("ensemble_student_seed7", "labelled_seed7")]
-        for name, seed in (("ensemble_student", None), ("ensemble_student_seed7", [7])):
+            ("ensemble_student", "labelled"), ("ensemble_student_seed7", "labelled_seed7"),
+            ("ensemble_student_seed11", "labelled_seed11")]
+        for name, seed in (("ensemble_student", None), ("ensemble_student_seed7", [7]), ("ensemble_student_seed11", [11])):
             student, control = (exp.pipeline_config(v) for v in (name, exp.variants[name]["control"]))
             assert student["data"]["root"] == control["data"]["root"] == f"datasets/abdomen_holdout_{fold}"
             assert student["pseudolabel"]["mode"] == "ensemble" and control["final"]["pseudo_labels"] is False
