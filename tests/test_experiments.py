@@ -682,7 +682,13 @@ def test_prepare_holdout_follows_the_variants_holdouts(tmp_path, monkeypatch):
     assert cmd[cmd.index("--test-fraction") + 1] == "0.5" and cmd[cmd.index("--data") + 1] == str(tmp_path / "source")
     (tmp_path / "fold").mkdir()  # made: not made again
     run.prepare_holdout(exp, tmp_path / "source")
+    (tmp_path / "fold" / "holdout.json").write_text(json.dumps({"test_fraction": 0.5, "group_by": "patient", "seed": 3}))
+    run.prepare_holdout(exp, tmp_path / "source")
     assert len(seen) == 1
+    # a folder made with another recipe is an error naming its record and the option that differs
+    (tmp_path / "fold" / "holdout.json").write_text(json.dumps({"test_fraction": 0.5, "group_by": "patient", "seed": 0}))
+    with pytest.raises(SystemExit, match=r"fold/holdout.json: .*seed: 0 there, 3 asked"):
+        run.prepare_holdout(exp, tmp_path / "source")
 
 
 def _per_image(path: Path, ari: dict[str, float]) -> None:

@@ -278,6 +278,16 @@ def prepare_holdout(exp: Experiment, source: Path) -> None:
     root = Path(data["root"])
     root = root if root.is_absolute() else ROOT / root
     if root.exists():
+        made = root / "holdout.json"  # make_holdout's record of how the folder was made
+        try:
+            recorded = json.loads(made.read_text()) if made.exists() else {}
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{made}: unreadable ({e}); remove {root} to make it again") from None
+        differ = {k: (recorded[k], v) for k, v in opts.items() if k in recorded and recorded[k] != v}
+        if differ:
+            raise SystemExit(f"{made}: {root} was made with other hold-out options than the variants file gives "
+                             + ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in differ.items())
+                             + f"; remove {root} or correct the variants file's holdouts")
         return
     subprocess.run([sys.executable, str(ROOT / "tools/make_holdout.py"), "--data", str(source), "--out", str(root),
                     "--test-fraction", str(opts["test_fraction"]), "--group-by", opts["group_by"],
