@@ -29,8 +29,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from d2ct.evaluation.metrics import group_bootstrap  # noqa: E402
-from d2ct.utils.fileio import atomic_write_text  # noqa: E402
 from experiments.openkbp.run import load_variants  # noqa: E402
+from experiments.openkbp.tables import publish  # noqa: E402
 
 COLUMNS = [("ARI", "ARI (all)"), ("ARI_fg", "ARI (fg)"), ("Dice", "Dice"), ("Recall50", "recall@0.5"),
            ("Precision50", "precision@0.5")]
@@ -137,10 +137,10 @@ def main(argv=None) -> int:
     pairs = [tuple(x) for x in args.pair] or [("r50ct", "r50")] + [(v, "r50ct") for v in students] + [
         (m, peer) for peer in spec["peers"] for m in [*spec["variants"], "r50", "r50ct"]]
     text = table([f.expanduser().resolve() for f in args.folds], spec, pairs)
-    print(text)
     if args.out:
-        atomic_write_text(args.out, text)
-        print(json.dumps({"written": str(args.out)}))
+        publish(args.out, text)  # atomic write, then print it and where it went (the OpenKBP tables' way)
+    else:
+        print(text)
     return 0
 
 
