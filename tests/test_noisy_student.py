@@ -13,7 +13,8 @@ from d2ct.data.coco import load_coco_dicts
 from .conftest import run_tool
 from .test_pipeline import TINY_PIPELINE
 
-STUDENT = "final.opts=['D2CT.AUGMENT.STUDENT.ENABLED', 'True', 'D2CT.AUGMENT.STUDENT.COPY_PASTE_PROB', '1.0']"
+STUDENT = ("final.opts=['D2CT.AUGMENT.STUDENT.ENABLED', 'True', 'D2CT.AUGMENT.STUDENT.COPY_PASTE_PROB', '1.0', "
+           "'D2CT.MODEL_NOISE.DROP_PATH', '0.2', 'D2CT.MODEL_NOISE.BOX_HEAD_DROPOUT', '0.5']")
 
 
 @pytest.mark.slow
@@ -35,6 +36,7 @@ def test_ensemble_teacher_and_noisy_student_pipeline(tmp_path):
     final_cfg = (out / "final" / "config.yaml").read_text()
     assert "STUDENT:" in final_cfg and "COPY_PASTE_PROB: 1.0" in final_cfg
     log = (out / "logs" / "final.log").read_text()
+    assert "Model noise: stochastic depth over 16 blocks up to 0.2, dropout 0.5 in 2 box-head layers" in log
     if stats["labelled_images"]:
         assert "phantom_pseudo" in final_cfg
         assert "student augmentation for pseudo-labelled slices" in log and "copy-paste p=1.0 from" in log

@@ -73,6 +73,15 @@ def add_d2ct_config(cfg: CN) -> CN:
     # structures of a human-labelled training slice pasted onto the slice (Ghiasi et al. 2021)
     _C.D2CT.AUGMENT.STUDENT.COPY_PASTE_PROB = 0.5
 
+    # Model noise for a student (Noisy Student; d2ct.modeling.model_noise), on top of the strong
+    # augmentation: stochastic depth in the ResNet backbone (a residual block's branch dropped per
+    # image, with a probability growing linearly with depth to DROP_PATH at the last block) and
+    # dropout after the box head's fully connected layers. Training only; 0 (the default) is off.
+    # Parameter names do not change: checkpoints load with or without it.
+    _C.D2CT.MODEL_NOISE = CN()
+    _C.D2CT.MODEL_NOISE.DROP_PATH = 0.0
+    _C.D2CT.MODEL_NOISE.BOX_HEAD_DROPOUT = 0.0
+
     # Online teacher-student training (d2ct.engine.mean_teacher): an EMA of the student labels
     # weak views of the pool each step, the student learns them on strong views (the student policy
     # above, which must be ENABLED). Off by default; the offline pseudo-labels are the method's.

@@ -95,9 +95,10 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, freeze: bool
         cfg.SOLVER.AMP.ENABLED = False
     if cfg.D2CT.BEST_METRIC and "/" not in cfg.D2CT.BEST_METRIC:
         raise ConfigError(f"D2CT.BEST_METRIC must look like 'segm/AP' or 'ct/ARI', got {cfg.D2CT.BEST_METRIC!r}")
-    from d2ct.modeling import apply_pseudo_negatives  # registers d2ct's model parts with Detectron2
+    from d2ct.modeling import apply_pseudo_negatives, check_model_noise  # registers d2ct's model parts
 
     apply_pseudo_negatives(cfg)
+    check_model_noise(cfg)
     from d2ct.engine.mean_teacher import check_mean_teacher
 
     check_mean_teacher(cfg)

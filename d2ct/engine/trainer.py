@@ -15,6 +15,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from d2ct.modeling import apply_model_noise
 from d2ct.utils.resources import THREADS_FILE_ENV
 from d2ct.visualization.curves import plot_training_curves
 
@@ -202,9 +203,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        """Detectron2's model, channels-last on the CPU (D2CT.CHANNELS_LAST) and with its score,
-        box and mask logit layers in float32 under bfloat16 autocast (D2CT.CPU_BF16)."""
+        """Detectron2's model, with the student's model noise (D2CT.MODEL_NOISE: stochastic depth,
+        box-head dropout; training mode only), channels-last on the CPU (D2CT.CHANNELS_LAST) and
+        with its score, box and mask logit layers in float32 under bfloat16 autocast (D2CT.CPU_BF16)."""
         model = super().build_model(cfg)
+        added = apply_model_noise(model, cfg)
+        if added:
+            logger.info("Model noise: %s", ", ".join(
+                f"stochastic depth over {len(v)} blocks up to {max(v):g}" if k == "drop_path"
+                else f"dropout {cfg.D2CT.MODEL_NOISE.BOX_HEAD_DROPOUT:g} in {len(v)} box-head layers"
+                for k, v in added.items()))
         precision.prepare_model(model, cfg)
         return model
 
