@@ -148,6 +148,16 @@ def test_variants_file_errors_name_the_problem(tmp_path, text, match):
         run.load_variants(bad)
 
 
+def test_results_files_point_to_the_variants_files_commands(tmp_path):
+    """A results file's header names the README beside its variants file (where its commands are)."""
+    for folder in ("openkbp", "phantom", "abdomen"):
+        assert run.load_variants(ROOT / "experiments" / folder / "variants.yaml")["commands"] == \
+            f"experiments/{folder}/README.md"
+    elsewhere = tmp_path / "v.yaml"
+    elsewhere.write_text("variants:\n  a: {sets: [final.init=best]}\n")
+    assert run.load_variants(elsewhere)["commands"] == "experiments/openkbp/README.md"
+
+
 def test_variants_append_to_an_aliased_list(tmp_path):
     """``KEY+=[...]`` extends the last KEY=[...] before it (through YAML aliases, chained), the quoting
     of each part kept; an empty list on either side; the other items and their order untouched."""
@@ -607,7 +617,14 @@ def test_phantom_variants_are_valid_demo_pipeline_configs(tmp_path):
     assert exp.taught_by()["warm_labelled_1690"] == ["strong_ensemble_noisy", "strong_labelled",
                                                      "strong_ensemble_noisy_seed7", "strong_labelled_seed7",
                                                      "strong_ensemble_noisy_posonly",
-                                                     "strong_ensemble_noisy_posonly_seed7"]
+                                                     "strong_ensemble_noisy_posonly_seed7",
+                                                     "strong_ensemble_noisier", "strong_labelled_noisier",
+                                                     "strong_ensemble_noisier_seed7",
+                                                     "strong_labelled_noisier_seed7"]
+    # model noise: the student and its control carry the same, the paper's rates
+    noisier = configs["strong_ensemble_noisier"]["final"]["opts"]
+    assert noisier[-4:] == ["D2CT.MODEL_NOISE.DROP_PATH", 0.2, "D2CT.MODEL_NOISE.BOX_HEAD_DROPOUT", 0.5]
+    assert exp.variants["strong_ensemble_noisier"]["also_against"] == ["strong_ensemble_noisy"]
     assert configs["strong_ensemble_noisy_posonly"]["final"]["opts"][:2] == ["D2CT.PSEUDO_NEGATIVES", "ignore"]
     assert spec["reference"] in configs and spec["title"].startswith("Students and their equal-compute controls")
     for variant, v in exp.variants.items():
@@ -619,6 +636,9 @@ def test_phantom_variants_are_valid_demo_pipeline_configs(tmp_path):
             assert control["final"]["pseudo_labels"] is False and cfg["final"]["pseudo_labels"] is (not online)
             assert control["final"]["init"] == cfg["final"]["init"] and control["final"]["config"] == cfg["final"]["config"]
             assert _seed(cfg) == _seed(control), variant
+            noise = [(o, cfg["final"]["opts"][i + 1]) for i, o in enumerate(cfg["final"]["opts"]) if "MODEL_NOISE" in str(o)]
+            assert noise == [(o, control["final"]["opts"][i + 1]) for i, o in enumerate(control["final"]["opts"])
+                             if "MODEL_NOISE" in str(o)], variant
             if online:  # the strong policy makes the pool's strong views; labelled slices get the control's
                 assert "all" not in cfg["final"]["opts"] and "D2CT.AUGMENT.STUDENT.ENABLED" not in control["final"]["opts"]
             else:

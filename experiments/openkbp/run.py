@@ -130,7 +130,17 @@ def load_variants(path: Path = VARIANTS_FILE) -> dict:
                              f"({', '.join(f'{k}: {type(d).__name__}' for k, d in HOLDOUT_DEFAULT.items())})")
         holdouts[str(root)] = {**HOLDOUT_DEFAULT, **h}
     return {"reference": data.get("reference"), "variants": variants, "peers": peers, "title": data.get("title"),
-            "truth_note": data.get("truth_note", ""), "holdouts": holdouts}
+            "truth_note": data.get("truth_note", ""), "holdouts": holdouts, "commands": commands_readme(path)}
+
+
+def commands_readme(variants_file: Path) -> str:
+    """Where a variants file's commands are written: the README beside it (relative to the project),
+    or this driver's own README for a file elsewhere."""
+    readme = Path(variants_file).resolve().parent / "README.md"
+    try:
+        return str(readme.relative_to(ROOT)) if readme.is_file() else str((HERE / "README.md").relative_to(ROOT))
+    except ValueError:  # a variants file outside the project
+        return str(HERE.relative_to(ROOT) / "README.md")
 
 
 def radiologist_subset(config: str, wanted: list[str] | None) -> list[dict] | None:

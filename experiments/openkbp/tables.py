@@ -347,7 +347,7 @@ def table(exp) -> str:
     summary = read_json(exp.run_dir(runs.done[0]) / "data" / "summary.json") if runs.done else {}
     teachers = exp.teachers or runs.cfg(runs.done[0])["radiologists"] if runs.done else exp.teachers or []
     head = [f"# {exp.spec.get('title') or 'Experiment results'}", "",
-            "Written by `experiments/openkbp/run.py` (commands in experiments/openkbp/README.md).",
+            f"Written by `experiments/openkbp/run.py` (commands in {exp.spec.get('commands', 'experiments/openkbp/README.md')}).",
             f"Data: `{summary.get('root', '?')}`: splits " + ", ".join(
                 f"{k} {v['images']}" for k, v in summary.get("splits", {}).items()) + "; scores on the held-out "
             "test patients.",
