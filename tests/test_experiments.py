@@ -620,7 +620,10 @@ def test_phantom_variants_are_valid_demo_pipeline_configs(tmp_path):
                                                      "strong_ensemble_noisy_posonly_seed7",
                                                      "strong_ensemble_noisier", "strong_labelled_noisier",
                                                      "strong_ensemble_noisier_seed7",
-                                                     "strong_labelled_noisier_seed7"]
+                                                     "strong_labelled_noisier_seed7",
+                                                     "strong_ensemble_noisier_seed11",
+                                                     "strong_labelled_noisier_seed11",
+                                                     "strong_ensemble_noisy_seed11", "strong_labelled_seed11"]
     # model noise: the student and its control carry the same, the paper's rates
     noisier = configs["strong_ensemble_noisier"]["final"]["opts"]
     assert noisier[-4:] == ["D2CT.MODEL_NOISE.DROP_PATH", 0.2, "D2CT.MODEL_NOISE.BOX_HEAD_DROPOUT", 0.5]
@@ -755,3 +758,22 @@ def test_abdomen_folds_refuse_an_unfinished_fold(tmp_path):
     spec = run.load_variants(ROOT / "experiments" / "abdomen" / "variants.yaml")
     with pytest.raises(SystemExit, match="reference run 'labelled' is not finished"):
         folds.table([tmp_path / "test01"], spec, [])
+
+
+def test_phantom_seeds_pool_the_per_slice_differences_over_seeds(tmp_path):
+    from experiments.phantom import seeds
+
+    scores = {  # run -> slice ARIs (three slices)
+        "s": [0.5, 0.6, 0.7], "c": [0.4, 0.6, 0.9],  # seed 42: +0.1, 0, -0.2 (mean -0.033)
+        "s_seed7": [0.6, 0.6, 0.6], "c_seed7": [0.3, 0.5, 0.5],  # seed 7: +0.3, +0.1, +0.1 (mean +0.167)
+    }
+    for run_name, v in scores.items():
+        _per_image(tmp_path / run_name / "evaluate" / "student_r1" / "per_image.csv",
+                   {f"{i}.png": x for i, x in enumerate(v)})
+    text = seeds.table(tmp_path, [("s", "c")], ["", "_seed7"])
+    row = next(line for line in text.splitlines() if line.startswith("| s - c |"))
+    # averaged over the seeds per slice: +0.2, +0.05, -0.05: mean +0.067, first wins on 2 of 3
+    assert row.startswith("| s - c | -0.033 | +0.167 | +0.067 [") and row.endswith("| 2 of 3 |")
+    assert "| pair | seed 42 | seed 7 |" in text
+    with pytest.raises(SystemExit, match="s_seed11"):
+        seeds.table(tmp_path, [("s", "c")], ["", "_seed11"])

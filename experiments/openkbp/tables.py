@@ -162,9 +162,12 @@ def paired_sections(runs: Runs) -> list[str]:
             if control and control != reference and control in done:
                 controls.setdefault(control, []).append(variant)
     for control, variants in controls.items():
+        # also_against may name a run that learns from the pool too (model noise on or off, say)
+        final = runs.cfg(control)["final"]
+        labelled_only = final["pseudo_labels"] is False and "D2CT.MEAN_TEACHER.ENABLED" not in map(str, final.get("opts", []))
         out += paired_differences(runs, (control, runs.final(control)), [(v, runs.final(v)) for v in variants],
                                   f"## Paired differences on the test slices: against {control}",
-                                  "the labelled-only control")
+                                  "the labelled-only control" if labelled_only else "a run that also learns from the pool")
     for teacher, variants in exp.taught_by().items():
         if teacher in done:
             model = runs.final(teacher)
