@@ -25,6 +25,12 @@ def _model(config: str, *opts: str):
     return cfg, model
 
 
+def _branch(block, x):
+    """A bottleneck block's residual branch, computed by hand from its layers (no drop)."""
+    out = F.relu(block.conv2(F.relu(block.conv1(x))))
+    return block.conv3.norm(F.conv2d(out, block.conv3.weight, stride=block.conv3.stride))
+
+
 @pytest.mark.parametrize("config, depth", [("configs/demo/radiologist_r50.yaml", 18),  # basic blocks
                                            ("configs/demo/radiologist_x101.yaml", 50)])  # bottlenecks
 def test_drop_path_rates_grow_linearly_to_the_last_block(config, depth):
@@ -51,27 +57,29 @@ def test_a_dropped_block_passes_its_shortcut_and_a_kept_one_is_rescaled():
     torch.testing.assert_close(block(x), F.relu(block.shortcut(x)))
     # kept (p small, seeded so every image keeps it): branch / (1 - p) + shortcut
     block.conv3.drop_prob = 1e-6
-    branch = block.conv3.norm(F.conv2d(F.relu(block.conv2(F.relu(block.conv1(x)))), block.conv3.weight,
-                                       stride=block.conv3.stride))
+    branch = _branch(block, x)
     torch.testing.assert_close(block(x), F.relu(branch / (1 - 1e-6) + block.shortcut(x)), rtol=1e-4, atol=1e-4)
     block.eval()
     block.conv3.drop_prob = 1.0  # eval: the block is unchanged whatever the rate
     torch.testing.assert_close(block(x), F.relu(branch + block.shortcut(x)), rtol=1e-4, atol=1e-4)
 
 
-def test_noise_is_per_image_and_training_only():
-    _, model = _model("configs/demo/radiologist_r50.yaml", "D2CT.MODEL_NOISE.DROP_PATH", "0.9")
-    resnet = model.backbone.bottom_up
-    x = torch.randn(16, 3, 64, 64)
-    resnet.train()
-    torch.manual_seed(1)
-    a = resnet(x)["res5"]
-    torch.manual_seed(2)
-    b = resnet(x)["res5"]
-    differs = [not torch.allclose(a[i], b[i]) for i in range(len(x))]
-    assert any(differs) and not all(differs)  # one draw per image: some images agree, some do not
-    resnet.eval()
-    torch.testing.assert_close(resnet(x)["res5"], resnet(x)["res5"])
+def test_noise_is_drawn_per_image_and_only_in_training():
+    _, model = _model("configs/demo/radiologist_x101.yaml", *NOISE)
+    block = dict(residual_blocks(model))["res3.0"]
+    block.conv3.drop_prob = 0.5
+    x = torch.randn(64, block.in_channels, 8, 8)
+    block.train()
+    out = block(x)
+    with torch.no_grad():
+        dropped, kept = F.relu(block.shortcut(x)), F.relu(_branch(block, x) / 0.5 + block.shortcut(x))
+    is_dropped = [torch.allclose(out[i], dropped[i], atol=1e-4) for i in range(len(x))]
+    is_kept = [torch.allclose(out[i], kept[i], atol=1e-4) for i in range(len(x))]
+    assert all(d != k for d, k in zip(is_dropped, is_kept))  # each image: its whole branch, or none of it
+    assert 10 < sum(is_dropped) < 54  # about half of 64 images (a shared draw would give 0 or 64)
+    resnet, images = model.backbone.bottom_up, torch.randn(2, 3, 64, 64)
+    resnet.eval()  # no draw at all: the same output twice
+    torch.testing.assert_close(resnet(images)["res5"], resnet(images)["res5"])
 
 
 def test_box_head_dropout_drops_features_in_training_only():
