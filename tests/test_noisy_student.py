@@ -24,18 +24,18 @@ def test_ensemble_teacher_and_noisy_student_pipeline(tmp_path):
                     f"data.root={out}/data/phantom", *TINY_PIPELINE, "pseudolabel.mode=ensemble", STUDENT,
                     "predict.score_threshold=val", "predict.threshold_grid=[0.5]", "baseline.enabled=false",
                     timeout=1500)
-    stats = json.loads((out / "pseudolabels" / "stats.json").read_text())
+    stats = json.loads((out / "pseudolabels_r1" / "stats.json").read_text())
     assert stats["mode"] == "ensemble" and stats["pool_images"] == 8
     # every radiologist labelled every pool slice; the thresholds (all 0) average to 0
     assert [r["assigned"] for r in stats["radiologists"]] == [8, 8, 8]
     assert stats["ensemble"]["threshold"] == 0.0
     assert sum(stats["ensemble"]["structures_by_votes"].values()) >= stats["instances"]
-    dicts = load_coco_dicts(out / "pseudolabels" / "pseudo_labels.json")
+    dicts = load_coco_dicts(out / "pseudolabels_r1" / "pseudo_labels.json")
     assert len(dicts) == stats["labelled_images"]
     assert all("score" in a for d in dicts for a in d["annotations"])  # how the mapper tells them apart
-    final_cfg = (out / "final" / "config.yaml").read_text()
+    final_cfg = (out / "student_r1" / "config.yaml").read_text()
     assert "STUDENT:" in final_cfg and "COPY_PASTE_PROB: 1.0" in final_cfg
-    log = (out / "logs" / "final.log").read_text()
+    log = (out / "logs" / "student_r1.log").read_text()
     assert "Model noise: stochastic depth over 16 blocks up to 0.2, dropout 0.5 in 2 box-head layers" in log
     if stats["labelled_images"]:
         assert "phantom_pseudo" in final_cfg
