@@ -777,3 +777,13 @@ def test_phantom_seeds_pool_the_per_slice_differences_over_seeds(tmp_path):
     assert "| pair | seed 42 | seed 7 |" in text
     with pytest.raises(SystemExit, match="s_seed11"):
         seeds.table(tmp_path, [("s", "c")], ["", "_seed11"])
+
+
+def test_pseudo_label_quality_rows_name_their_teachers():
+    """Two runs with different teacher sets must not share an "ensemble of 2" row in the tables."""
+    from experiments.openkbp.tables import rule_of_teachers
+
+    assert rule_of_teachers("ensemble of 2 >= 0.6", ["a", "b"]) == "ensemble of a+b >= 0.6"
+    assert rule_of_teachers("consensus of 3 (2 agree, or one >= 0.9)", ["r50", "r101", "x101"]) == \
+        "consensus of r50+r101+x101 (2 agree, or one >= 0.9)"
+    assert rule_of_teachers("a >= 0.5", ["a", "b"]) == "a >= 0.5"  # one radiologist: already named

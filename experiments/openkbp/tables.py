@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -221,6 +222,16 @@ def pseudo_label_counts(runs: Runs) -> list[str]:
             "|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def rule_of_teachers(rule: str, teachers: list[str]) -> str:
+    """A pseudo-labelling rule's row name with its teachers named: "ensemble of 2 >= 0.6" becomes
+    "ensemble of a+b >= 0.6", so two runs with different teacher sets do not share a row; a single
+    radiologist's rule ("a >= 0.6") already names it."""
+    if any(rule.startswith(f"{t} >=") for t in teachers):
+        return rule
+    return re.sub(r"\bof (\d+)\b", lambda m: f"of {'+'.join(teachers)}" if int(m.group(1)) == len(teachers) else m.group(0),
+                  rule, count=1)
+
+
 def pseudo_label_quality_section(runs: Runs) -> list[str]:
     """The pseudo-labelling rules applied to the radiologists' saved instances on the validation
     slices (d2ct.pipeline.report.pseudo_label_quality_rows): needs runs that chose their
@@ -235,8 +246,10 @@ def pseudo_label_quality_section(runs: Runs) -> list[str]:
         found = pseudo_label_quality_rows(runs.pipeline(variant), read_json(stats), QUALITY_THRESHOLDS)
         if found is None:
             continue
+        teachers = [r["name"] for r in runs.cfg(variant)["radiologists"]]
+        found_rows = [{**r, "rule": rule_of_teachers(r["rule"], teachers)} for r in found[1]]
         seen = {r["rule"] for r in rows}
-        new = [r for r in found[1] if r["rule"] not in seen]
+        new = [r for r in found_rows if r["rule"] not in seen]
         if new:
             rows += new
             sources.append(f"`{runs.exp.run_dir(variant).name}`")
