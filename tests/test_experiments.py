@@ -787,3 +787,9 @@ def test_pseudo_label_quality_rows_name_their_teachers():
     assert rule_of_teachers("consensus of 3 (2 agree, or one >= 0.9)", ["r50", "r101", "x101"]) == \
         "consensus of r50+r101+x101 (2 agree, or one >= 0.9)"
     assert rule_of_teachers("a >= 0.5", ["a", "b"]) == "a >= 0.5"  # one radiologist: already named
+
+
+def test_f1_of_precision_and_recall():
+    from experiments.openkbp.tables import f1_score
+
+    assert f1_score(0.6, 0.4) == pytest.approx(0.48) and f1_score(0.0, 0.0) == 0.0 and f1_score(None, 0.5) is None

@@ -34,7 +34,7 @@ COLUMNS = [("ARI", "ARI (all pixels)"), ("ARI_fg", "ARI (truth fg)"), ("Dice", "
            ("n_pred", "instances"), ("fg_px", "foreground px / slice"), ("threshold", "score threshold")]
 VAL_COLUMNS = [("segm/AP", "mask AP", 1), ("segm/AP50", "AP50", 1), ("ct/ARI", "ARI", 3),
                ("ct/ARI_fg", "ARI (truth fg)", 3), ("ct/Dice", "Dice", 3), ("ct/Recall50", "recall@0.5", 3)]
-QUALITY_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+QUALITY_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 def _fmt(v, percent: bool = False) -> str:
@@ -222,6 +222,13 @@ def pseudo_label_counts(runs: Runs) -> list[str]:
             "|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def f1_score(precision, recall):
+    """Harmonic mean of precision and recall; None when either is unknown, 0 when both are 0."""
+    if precision is None or recall is None:
+        return None
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
 def rule_of_teachers(rule: str, teachers: list[str]) -> str:
     """A pseudo-labelling rule's row name with its teachers named: "ensemble of 2 >= 0.6" becomes
     "ensemble of a+b >= 0.6", so two runs with different teacher sets do not share a row; a single
@@ -262,12 +269,14 @@ def pseudo_label_quality_section(runs: Runs) -> list[str]:
              f"{', '.join(sources)}): slices kept (at least one structure), structures written, how many match a "
              "real one at IoU 0.5 (precision; a lower bound, as the contours are partial) and how many real "
              "structures of a kept slice they find (recall; the rest is taught as background). The "
-             "validation split also chose each radiologist's best checkpoint, so these are a little optimistic.",
+             "validation split also chose each radiologist's best checkpoint, so these are a little optimistic."
+             " F1: of that precision and recall (the rule that picks a teacher threshold on validation).",
              "", "| rule | slices kept | structures per slice | truth per kept slice | precision@0.5 | recall@0.5 "
-             "| ARI (kept slices) |", "|---|---|---|---|---|---|---|"]
+             "| F1 | ARI (kept slices) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['rule']} | {r['kept']} of {r['slices']} | {r['per_slice']:.2f} | "
-                     f"{r['truth_per_slice']:.2f} | {_fmt(r['precision50'])} | {_fmt(r['recall50'])} | {_fmt(r['ARI'])} |")
+                     f"{r['truth_per_slice']:.2f} | {_fmt(r['precision50'])} | {_fmt(r['recall50'])} | "
+                     f"{_fmt(f1_score(r['precision50'], r['recall50']))} | {_fmt(r['ARI'])} |")
     return lines + [""]
 
 
