@@ -41,6 +41,20 @@ def read_per_image(path: Path) -> dict[str, dict[str, float]]:
         return {row["name"]: {k: float(row[k]) for k, _ in COLUMNS} for row in csv.DictReader(fh)}
 
 
+def last_student(run_dir: Path) -> Path | None:
+    """The per_image.csv of a run's last student (``evaluate/student_r<N>``), None before it is scored."""
+    students = sorted((run_dir / "evaluate").glob("student_r*/per_image.csv"))
+    return students[-1] if students else None
+
+
+def difference_row(pair: str, per_group: list[float], pooled: tuple[float, float, float], wins: int, n: int) -> str:
+    """One row of a paired-difference table: the per-group means, the pooled mean with its interval,
+    how many slices the first model wins."""
+    mean, low, high = pooled
+    return (f"| {pair} | " + " | ".join(f"{d:+.3f}" for d in per_group)
+            + f" | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {wins} of {n} |")
+
+
 def fold_models(runs: Path, spec: dict) -> dict[str, Path]:
     """{row name: per_image.csv} of one fold: the reference run's baseline and radiologists
     (shared by every run), each variant's last student as the variant's name, each peer."""
@@ -53,9 +67,9 @@ def fold_models(runs: Path, spec: dict) -> dict[str, Path]:
         if not row["model"].startswith("student_r"):
             models[row["model"]] = runs / ref / "evaluate" / row["model"] / "per_image.csv"
     for variant in spec["variants"]:
-        students = sorted((runs / variant / "evaluate").glob("student_r*/per_image.csv"))
-        if students:
-            models[variant] = students[-1]
+        student = last_student(runs / variant)
+        if student is not None:
+            models[variant] = student
     for peer in spec["peers"]:
         f = runs / peer / "evaluate" / "per_image.csv"
         if f.exists():
@@ -116,9 +130,7 @@ def table(folds: list[Path], spec: dict, pairs: list[tuple[str, str]]) -> str:
         if a not in models or b not in models or (a, b) in shown or (b, a) in shown:
             continue  # a model not in every fold, or a pair already shown (either way round)
         shown.add((a, b))
-        per_fold, (mean, low, high), wins, n = difference(models[a], models[b], names)
-        lines.append(f"| {a} - {b} | " + " | ".join(f"{d:+.3f}" for d in per_fold)
-                     + f" | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {wins} of {n} |")
+        lines.append(difference_row(f"{a} - {b}", *difference(models[a], models[b], names)))
     return "\n".join(lines) + "\n"
 
 

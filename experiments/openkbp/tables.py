@@ -164,8 +164,10 @@ def paired_sections(runs: Runs) -> list[str]:
                 controls.setdefault(control, []).append(variant)
     for control, variants in controls.items():
         # also_against may name a run that learns from the pool too (model noise on or off, say)
-        final = runs.cfg(control)["final"]
-        labelled_only = final["pseudo_labels"] is False and "D2CT.MEAN_TEACHER.ENABLED" not in map(str, final.get("opts", []))
+        from d2ct.pipeline.config import online_teacher
+
+        cfg = runs.cfg(control)
+        labelled_only = cfg["final"]["pseudo_labels"] is False and not online_teacher(cfg)
         out += paired_differences(runs, (control, runs.final(control)), [(v, runs.final(v)) for v in variants],
                                   f"## Paired differences on the test slices: against {control}",
                                   "the labelled-only control" if labelled_only else "a run that also learns from the pool")

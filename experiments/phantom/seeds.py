@@ -26,16 +26,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from d2ct.evaluation.metrics import group_bootstrap  # noqa: E402
-from experiments.abdomen.folds import read_per_image  # noqa: E402
+from experiments.abdomen.folds import difference_row, last_student, read_per_image  # noqa: E402
 from experiments.openkbp.tables import publish  # noqa: E402
 
 
 def final_scores(runs: Path, variant: str) -> dict[str, float]:
     """{slice: all-pixel ARI} of a run's last student."""
-    students = sorted((runs / variant / "evaluate").glob("student_r*/per_image.csv"))
-    if not students:
+    student = last_student(runs / variant)
+    if student is None:
         raise SystemExit(f"{runs / variant}: no evaluated student (evaluate/student_r*/per_image.csv); is the run finished?")
-    return {name: s["ARI"] for name, s in read_per_image(students[-1]).items()}
+    return {name: s["ARI"] for name, s in read_per_image(student).items()}
 
 
 def pooled_pair(runs: Path, a: str, b: str, seeds: list[str]) -> tuple[list[float], tuple[float, float, float], int, int]:
@@ -66,9 +66,7 @@ def table(runs: Path, pairs: list[tuple[str, str]], seeds: list[str]) -> str:
              "| pair | " + " | ".join(labels) + " | pooled (95% interval) | slices the first wins |",
              "|---|" + "---|" * (len(seeds) + 2)]
     for a, b in pairs:
-        per_seed, (mean, low, high), wins, n = pooled_pair(runs, a, b, seeds)
-        lines.append(f"| {a} - {b} | " + " | ".join(f"{d:+.3f}" for d in per_seed)
-                     + f" | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {wins} of {n} |")
+        lines.append(difference_row(f"{a} - {b}", *pooled_pair(runs, a, b, seeds)))
     return "\n".join(lines) + "\n"
 
 
